@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11 + pip):
+#   make quickstart   create .venv if missing, train autoencoder -> CLIP -> LDM on `shapes`, sample a grid
+#   make test         create .venv if missing, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .venv-tools
+VENV := .venv
+PY := $(VENV)/bin/python
+QS := outputs/quickstart
+
+.PHONY: quickstart test env clean-quickstart
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(TOOLS)/bin/uv
+	$(TOOLS)/bin/uv sync --frozen --extra test --python $(PYTHON)
+	touch $@
+
+env: $(VENV)/.synced
+
+test: env
+	$(PY) -m pytest -q
+
+quickstart: env
+	$(PY) -m ldmkit.quickstart --out $(QS)
+
+clean-quickstart:
+	rm -rf $(QS)

@@ -1,0 +1,113 @@
+"""Stage outputs as folders: ``weights.safetensors`` + ``config.json``.
+
+An artifact is what one stage hands to the next (see DESIGN.md, "Layering"): the
+architecture and the facts the next stage needs, never pickled code. Writes are
+atomic (a temporary sibling folder renamed into place) so a crash mid-export never
+leaves a half-written artifact where a later stage would find it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+
+# Which command writes each kind of artifact, quoted in every error a user can hit.
+PRODUCERS = {
+    "autoencoder": "python train.py model=autoencoder",
+    "clip": "python train.py model=clip",
+    "ldm": "python train.py model=ldm",
+}
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, corrupt, or of the wrong kind."""
+
+
+def _producer_hint(kind: str) -> str:
+    command = PRODUCERS.get(kind)
+    return f" It is written by `{command}` (see the folder `artifact/` in that run's output directory)." if command else ""
+
+
+def save_artifact(folder: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write ``tensors`` and ``config`` (JSON-serialisable) as an artifact of ``kind``; returns the folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": kind, "format_version": FORMAT_VERSION, **config}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(contiguous, str(tmp / WEIGHTS_FILE), metadata={"kind": kind})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if folder.exists():
+            backup = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(backup)
+            tmp.rename(folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_artifact_config(folder: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """Read and validate only ``config.json`` (cheap: used to fail fast before heavy work)."""
+    folder = Path(folder)
+    expected = kind or "artifact"
+    if not folder.is_dir():
+        raise ArtifactError(
+            f"No {expected} artifact at '{folder}': the folder does not exist.{_producer_hint(kind or '')} "
+            "Pass the path of an existing artifact folder."
+        )
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise ArtifactError(
+            f"'{folder}' is not an ldmkit artifact: it has no {CONFIG_FILE}.{_producer_hint(kind or '')}"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"'{config_path}' is not valid JSON ({err}); the artifact is corrupt, re-export it.{_producer_hint(kind or '')}") from err
+    if kind is not None and config.get("kind") != kind:
+        raise ArtifactError(
+            f"'{folder}' holds a '{config.get('kind')}' artifact, but a '{kind}' artifact is needed here."
+            f"{_producer_hint(kind)}"
+        )
+    return config
+
+
+def load_artifact(folder: str | os.PathLike, kind: str | None = None, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``(tensors, config)`` from an artifact folder, checking its kind."""
+    folder = Path(folder)
+    config = read_artifact_config(folder, kind)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"'{folder}' has {CONFIG_FILE} but no {WEIGHTS_FILE}; the export was interrupted, re-export it.{_producer_hint(config.get('kind', ''))}")
+    try:
+        tensors = load_file(str(weights), device=str(device))
+    except (SafetensorsError, OSError, RuntimeError) as err:
+        raise ArtifactError(f"'{weights}' cannot be read ({err}); the file is truncated or corrupt, re-export it.{_producer_hint(config.get('kind', ''))}") from err
+    return tensors, config
+
+
+def weights_hash(folder: str | os.PathLike, length: int = 10) -> str:
+    """Short SHA-256 of the weights file (the 'model hash' written into PNG parameters)."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]

@@ -1,0 +1,135 @@
+"""Turn a composed Hydra config into objects, run them, return metrics.
+
+`train.py` and `eval.py` only compose configs; everything they do lives here so that
+tests, sweeps and notebooks call the same code (lightning-hydra-template style).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A composed config cannot run; the message says what to change."""
+
+
+def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group (callbacks, loggers)."""
+    objects: list[Any] = []
+    if not group:
+        return objects
+    for name, node in group.items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            obj = instantiate(node)
+            if not isinstance(obj, kind):
+                raise ConfigError(f"{name}: `{node._target_}` built a {type(obj).__name__}, not a {kind.__name__}.")
+            objects.append(obj)
+    return objects
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
+    """`null` → start fresh; `last` → this run's (or the newest sibling run's) last.ckpt; a folder → its last.ckpt.
+
+    The checkpoint is opened with `weights_only=True` here, so a truncated or foreign file fails
+    with an actionable message before any model is built on top of it.
+    """
+    if ckpt_path in (None, "", "null"):
+        return None
+    output_dir = Path(output_dir)
+    if ckpt_path == "last":
+        candidates = [output_dir / "checkpoints" / "last.ckpt"]
+        runs_dir = output_dir.parent
+        if runs_dir.is_dir():
+            candidates += sorted(runs_dir.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(
+                f"ckpt_path=last: no last.ckpt in '{output_dir / 'checkpoints'}' nor in any run under '{runs_dir}'. "
+                "Start without ckpt_path, or pass ckpt_path=/path/to/run/checkpoints/last.ckpt."
+            )
+        path = found
+    else:
+        path = Path(ckpt_path)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path='{ckpt_path}': no checkpoint file at '{path}'. Pass an existing .ckpt file, a run folder, or ckpt_path=last.")
+    validate_checkpoint(path)
+    return str(path)
+
+
+def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a Lightning checkpoint with `weights_only=True`, turning corruption into a clear error."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
+        raise ConfigError(
+            f"Checkpoint '{path}' cannot be loaded ({type(err).__name__}: {err}). It is truncated or corrupt "
+            "(e.g. the run was killed while saving). Resume from an earlier checkpoint in the same folder "
+            "(ckpt_path=.../step_XXXXXXX.ckpt) or start fresh without ckpt_path."
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"'{path}' is not a Lightning training checkpoint (no 'state_dict'). For stage outputs use the artifact folder instead.")
+    return checkpoint
+
+
+def _log_config(loggers: list[Logger], cfg: DictConfig) -> None:
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate datamodule, model, callbacks, loggers and trainer from config."""
+    seed_everything(cfg.seed, workers=True)
+    datamodule: LightningDataModule = instantiate(cfg.data)
+    model: LightningModule = instantiate(cfg.model)
+    callbacks = instantiate_group(cfg.get("callbacks"), Callback)
+    loggers = instantiate_group(cfg.get("logger"), Logger)
+    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit (and optionally test) the configured stage, export its artifact; return (metrics, objects)."""
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    objects = build(cfg)
+    model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
+    _log_config(objects["loggers"], cfg)
+
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = _scalar_metrics(trainer.callback_metrics)
+
+    if cfg.get("export", True) and hasattr(model, "export_artifact") and not trainer.interrupted:
+        folder = Path(cfg.paths.output_dir) / "artifact"
+        if trainer.is_global_zero:
+            objects["artifact"] = model.export_artifact(folder, datamodule=datamodule)
+            log.info("Wrote %s artifact to %s", type(model).__name__, folder)
+        trainer.strategy.barrier("ldmkit-export")
+
+    if cfg.get("test", False):
+        trainer.test(model, datamodule=datamodule, weights_only=True)
+        metrics.update(_scalar_metrics(trainer.callback_metrics))
+    return metrics, objects

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """Compose the real `conf/train.yaml` with overrides, paths redirected into tmp_path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _compose(overrides: list[str] = (), config_name: str = "train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            with open_dict(cfg):
+                cfg.paths.root_dir = str(ROOT)
+                cfg.paths.output_dir = str(tmp_path / "run")
+                cfg.paths.log_dir = str(tmp_path / "logs")
+                cfg.paths.work_dir = str(ROOT)
+                cfg.paths.data_dir = str(tmp_path / "data")
+                del cfg.hydra
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
