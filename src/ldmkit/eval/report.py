@@ -1,0 +1,409 @@
+"""Sampler comparison report: a metrics table, FID-vs-NFE and CLIP-vs-FID plots and sample
+grids side by side, written as `report.md` (+ assets) and a self-contained `report.html`.
+
+Plots are inline SVG drawn here (no plotting dependency); images are PNG data URIs, so the
+HTML file can be mailed or attached to a W&B run as is.
+
+A result row is a dict with keys from `COLUMNS` (missing or None metrics render as "n/a"):
+    sampler, steps, guidance, nfe, fid, kid_mean, kid_std, clip_score,
+    prompt_accuracy ({"colour", "shape", "both"} or None), sec_per_image, peak_mem_mb,
+    clip_model (name of the model that computed clip_score)
+Grids map a setting `(sampler, steps, guidance)` (or any label string) to one image
+(PIL, uint8 (3, H, W) / (H, W, 3), or float (3, H, W) in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ldmkit.eval.pngmeta import to_pil_image
+
+Row = Mapping[str, Any]
+ACCURACY_KEYS = ("colour", "shape", "both")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+
+# (header, row -> cell text)
+COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("sampler", lambda r: str(r.get("sampler", "n/a"))),
+    ("steps", lambda r: _fmt(r.get("steps"), "d")),
+    ("guidance", lambda r: _fmt(r.get("guidance"), "g")),
+    ("NFE", lambda r: _fmt(r.get("nfe"), "d")),
+    ("FID ↓", lambda r: _fmt(r.get("fid"), ".2f")),
+    ("KID ↓", lambda r: _kid(r)),
+    ("CLIP score ↑", lambda r: _fmt(r.get("clip_score"), ".2f")),
+    ("colour acc ↑", lambda r: _pct(_acc(r, "colour"))),
+    ("shape acc ↑", lambda r: _pct(_acc(r, "shape"))),
+    ("both acc ↑", lambda r: _pct(_acc(r, "both"))),
+    ("s / image", lambda r: _fmt(r.get("sec_per_image"), ".3g")),
+    ("peak mem (MB)", lambda r: _fmt(r.get("peak_mem_mb"), ".0f")),
+)
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if _missing(value):
+        return "n/a"
+    try:
+        return format(int(value) if spec == "d" else float(value), spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _kid(row: Row) -> str:
+    mean, std = row.get("kid_mean"), row.get("kid_std")
+    if _missing(mean):
+        return "n/a"
+    return f"{mean:.4f}" + ("" if _missing(std) else f" ± {std:.4f}")
+
+
+def _acc(row: Row, key: str) -> float | None:
+    accuracy = row.get("prompt_accuracy")
+    return accuracy.get(key) if isinstance(accuracy, Mapping) else None
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if _missing(value) else f"{100 * value:.1f}%"
+
+
+def sorted_rows(rows: Sequence[Row]) -> list[Row]:
+    def key(r: Row):
+        return (str(r.get("sampler")), _num(r.get("steps")), _num(r.get("guidance")))
+
+    return sorted(rows, key=key)
+
+
+def _num(value: Any) -> float:
+    return float("inf") if _missing(value) else float(value)
+
+
+def flatten_row(row: Row) -> dict[str, Any]:
+    """Row with prompt_accuracy split into acc_colour / acc_shape / acc_both (for tables/CSV)."""
+    flat = {k: v for k, v in row.items() if k != "prompt_accuracy"}
+    for key in ACCURACY_KEYS:
+        flat[f"acc_{key}"] = _acc(row, key)
+    return flat
+
+
+def scoring_models(rows: Sequence[Row]) -> list[str]:
+    return sorted({str(r["clip_model"]) for r in rows if r.get("clip_model")})
+
+
+def grid_label(key: Any) -> str:
+    if isinstance(key, tuple) and len(key) == 3:
+        sampler, steps, guidance = key
+        return f"{sampler}, {steps} steps, guidance {guidance:g}"
+    return str(key)
+
+
+def _grid_sections(grids: Mapping[Any, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """Group grids by (steps, guidance) so the samplers of one setting sit side by side."""
+    def order(key: Any) -> tuple:
+        if isinstance(key, tuple) and len(key) == 3:
+            return (0, _num(key[1]), _num(key[2]), str(key[0]))
+        return (1, 0.0, 0.0, str(key))
+
+    sections: dict[str, list[tuple[str, Any]]] = {}
+    for key in sorted(grids, key=order):
+        if isinstance(key, tuple) and len(key) == 3:
+            sampler, steps, guidance = key
+            sections.setdefault(f"{steps} steps, guidance {guidance:g}", []).append((str(sampler), grids[key]))
+        else:
+            sections.setdefault("samples", []).append((str(key), grids[key]))
+    return list(sections.items())
+
+
+def png_bytes(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    to_pil_image(image).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_data_uri(image: Any) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+# --- SVG plots -----------------------------------------------------------------------------
+
+
+def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if high <= low:
+        low, high = low - 1, high + 1
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    ticks = []
+    value = first
+    while value <= high + step * 0.5:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def line_plot_svg(
+    series: Mapping[str, Sequence[tuple[float, float, str]]],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    log_x: bool = False,
+    width: int = 520,
+    height: int = 340,
+) -> str:
+    """One polyline with markers per series; points are (x, y, hover text[, annotation])."""
+    points = [(p[0], p[1]) for pts in series.values() for p in pts]
+    if not points:
+        return f'<p class="empty-plot">{html.escape(title)}: no data to plot (metric n/a).</p>'
+    legend_chars = max((len(name) for name in series), default=0)
+    left, right, top, bottom = 64, 40 + 7 * legend_chars, 30, 46
+    width += max(0, right - 130)  # grow the canvas for long legend names, keep the plot area
+    plot_w, plot_h = width - left - right, height - top - bottom
+    tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    xs, ys = [tx(x) for x, _ in points], [y for _, y in points]
+    x_ticks = (
+        [10**e * m for e in range(math.floor(min(xs)), math.ceil(max(xs)) + 1) for m in (1, 2, 5)]
+        if log_x
+        else _nice_ticks(min(xs), max(xs))
+    )
+    if log_x:
+        x_ticks = [t for t in x_ticks if min(xs) - 0.05 <= math.log10(t) <= max(xs) + 0.05] or [10 ** min(xs)]
+    y_ticks = _nice_ticks(min(ys), max(ys))
+    x_lo, x_hi = min([*xs, *(tx(t) for t in x_ticks)]), max([*xs, *(tx(t) for t in x_ticks)])
+    y_lo, y_hi = min([*ys, *y_ticks]), max([*ys, *y_ticks])
+    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
+
+    def px(x: float) -> float:
+        return left + (tx(x) - x_lo) / (x_hi - x_lo) * plot_w
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y_lo) / (y_hi - y_lo)) * plot_h
+
+    e = html.escape
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f"<title>{e(title)}</title>",
+        f'<text x="{left + plot_w / 2}" y="18" text-anchor="middle" font-size="13">{e(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>',
+    ]
+    for t in y_ticks:
+        y = py(t)
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
+    for t in x_ticks:
+        x = px(t)
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eee"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{t:g}</text>')
+    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{e(x_label)}</text>')
+    parts.append(
+        f'<text transform="translate(16 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">{e(y_label)}</text>'
+    )
+    for i, (name, pts) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        pts = sorted(pts, key=lambda p: p[0])
+        coords = " ".join(f"{px(p[0]):.1f},{py(p[1]):.1f}" for p in pts)
+        parts.append(f'<polyline class="series" data-series="{e(name)}" points="{coords}" fill="none" '
+                     f'stroke="{colour}" stroke-width="2"/>')
+        for x, y, label, *note in pts:
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}">'
+                         f"<title>{e(label)}</title></circle>")
+            if note:
+                parts.append(f'<text x="{px(x) + 5:.1f}" y="{py(y) - 5:.1f}" font-size="9" fill="{colour}">'
+                             f"{e(note[0])}</text>")
+        ly = top + 8 + 16 * i
+        parts.append(f'<line x1="{left + plot_w + 10}" x2="{left + plot_w + 28}" y1="{ly}" y2="{ly}" '
+                     f'stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<text x="{left + plot_w + 32}" y="{ly + 4}">{e(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def fid_vs_nfe_svgs(rows: Sequence[Row]) -> list[str]:
+    """FID against NFE, one line per sampler; one plot per guidance scale."""
+    by_guidance: dict[Any, dict[str, list]] = {}
+    for r in rows:
+        by_guidance.setdefault(r.get("guidance"), {})
+        if _missing(r.get("fid")) or _missing(r.get("nfe")):
+            continue
+        label = f"{r.get('sampler')}: {r.get('steps')} steps, NFE {r['nfe']}, FID {r['fid']:.2f}"
+        by_guidance[r.get("guidance")].setdefault(str(r.get("sampler")), []).append((r["nfe"], r["fid"], label))
+    plots = []
+    for guidance in sorted(by_guidance, key=_num):
+        series = by_guidance[guidance]
+        nfes = [p[0] for pts in series.values() for p in pts]
+        title = "FID vs NFE" + ("" if _missing(guidance) else f" (guidance {guidance:g})")
+        log_x = bool(nfes) and min(nfes) > 0 and max(nfes) / min(nfes) >= 8
+        plots.append(line_plot_svg(series, title=title, x_label="NFE (network evaluations per image)",
+                                   y_label="FID", log_x=log_x))
+    return plots or [line_plot_svg({}, title="FID vs NFE", x_label="NFE", y_label="FID")]
+
+
+def clip_vs_fid_svg(rows: Sequence[Row]) -> str:
+    """CLIP score against FID, one line per (sampler, steps) through its guidance scales."""
+    series: dict[str, list] = {}
+    for r in rows:
+        if _missing(r.get("fid")) or _missing(r.get("clip_score")):
+            continue
+        name = f"{r.get('sampler')} / {r.get('steps')} steps"
+        label = f"{name}, guidance {_fmt(r.get('guidance'), 'g')}: FID {r['fid']:.2f}, CLIP {r['clip_score']:.2f}"
+        note = f"w={_fmt(r.get('guidance'), 'g')}"
+        series.setdefault(name, []).append((r["fid"], r["clip_score"], label, note))
+    return line_plot_svg(series, title="CLIP score vs FID across guidance scales", x_label="FID ↓",
+                         y_label="CLIP score ↑")
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+
+def _header_lines(rows: Sequence[Row]) -> list[str]:
+    models = scoring_models(rows)
+    return [f"{len(rows)} settings; CLIP score computed by: {', '.join(models) if models else 'n/a'}."]
+
+
+def render_markdown(rows: Sequence[Row], grid_files: Mapping[Any, str], plot_files: Sequence[str],
+                    title: str, prompts: Sequence[str] | None = None) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"# {title}", "", *_header_lines(rows), "", "## Metrics", ""]
+    lines.append("| " + " | ".join(h for h, _ in COLUMNS) + " |")
+    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for r in sorted_rows(rows):
+        lines.append("| " + " | ".join(cell(fn(r)) for _, fn in COLUMNS) + " |")
+    lines += ["", "## Plots", ""] + [f"![plot]({p})" for p in plot_files] + [""]
+    if grid_files:
+        lines += ["## Samples (same prompts and seeds for every sampler)", ""]
+        if prompts:
+            lines += ["Prompts: " + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)), ""]
+        for section, items in _grid_sections(grid_files):
+            lines += [f"### {section}", "", "| " + " | ".join(cell(n) for n, _ in items) + " |",
+                      "|" + "|".join("---" for _ in items) + "|",
+                      "| " + " | ".join(f"![{cell(n)}]({f})" for n, f in items) + " |", ""]
+    return "\n".join(lines)
+
+
+# --- html ----------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table.metrics { border-collapse: collapse; font-size: 14px; }
+table.metrics th, table.metrics td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+table.metrics td:first-child, table.metrics th:first-child { text-align: left; }
+table.metrics tr:nth-child(even) td { background: #f6f6f6; }
+td.best { font-weight: bold; }
+td.na { color: #999; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; }
+.grids { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+figure { margin: 0; text-align: center; }
+figure img { image-rendering: pixelated; max-width: 100%; border: 1px solid #ccc; }
+"""
+
+
+def render_html(rows: Sequence[Row], grids: Mapping[Any, Any], title: str,
+                prompts: Sequence[str] | None = None) -> str:
+    e = html.escape
+    ordered = sorted_rows(rows)
+    # Bold the best value per column (lowest FID/KID, highest CLIP score and accuracies).
+    best: dict[str, float] = {}
+    for header, key, better in (("FID ↓", "fid", min), ("KID ↓", "kid_mean", min),
+                                ("CLIP score ↑", "clip_score", max)):
+        values = [r.get(key) for r in ordered if not _missing(r.get(key))]
+        if values:
+            best[header] = _fmt(better(values), ".2f" if key != "kid_mean" else ".4f")
+
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    out += [f"<p>{e(line)}</p>" for line in _header_lines(rows)]
+    out += ["<h2>Metrics</h2>", '<table class="metrics" id="metrics">', "<thead><tr>"]
+    out += [f"<th>{e(h)}</th>" for h, _ in COLUMNS] + ["</tr></thead>", "<tbody>"]
+    for r in ordered:
+        cells = []
+        for header, fn in COLUMNS:
+            text = fn(r)
+            classes = ["na"] if text == "n/a" else []
+            if header in best and text.split(" ± ")[0] == best[header]:
+                classes.append("best")
+            cls = f' class="{" ".join(classes)}"' if classes else ""
+            cells.append(f"<td{cls}>{e(text)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out += ["</tbody></table>", "<h2>Plots</h2>", '<div class="plots">']
+    out += [*fid_vs_nfe_svgs(rows), clip_vs_fid_svg(rows), "</div>"]
+    if grids:
+        out.append("<h2>Samples (same prompts and seeds for every sampler)</h2>")
+        if prompts:
+            out.append("<ol class=\"prompts\">" + "".join(f"<li>{e(p)}</li>" for p in prompts) + "</ol>")
+        for section, items in _grid_sections(grids):
+            out += [f"<h3>{e(section)}</h3>", '<div class="grids">']
+            for name, image in items:
+                pil = to_pil_image(image)
+                zoom = max(1, 256 // max(pil.width, 1))  # small grids: integer upscale, pixelated
+                out.append(f'<figure><img alt="{e(name)}" width="{pil.width * zoom}" src="{png_data_uri(pil)}">'
+                           f"<figcaption>{e(name)}</figcaption></figure>")
+            out.append("</div>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    rows: Sequence[Row],
+    grids: Mapping[Any, Any] | None = None,
+    *,
+    title: str = "ldmkit sampler evaluation",
+    prompts: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Writes report.md (with report_assets/: grid PNGs, plot SVGs) and self-contained
+    report.html into `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    assets = out_dir / "report_assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    grids = dict(grids or {})
+
+    grid_files: dict[Any, str] = {}
+    for i, (key, image) in enumerate(grids.items()):
+        name = f"grid_{i:02d}_" + "".join(c if c.isalnum() else "_" for c in grid_label(key))[:60] + ".png"
+        (assets / name).write_bytes(png_bytes(image))
+        grid_files[key] = f"report_assets/{name}"
+    plot_files = []
+    for i, svg in enumerate([*fid_vs_nfe_svgs(rows), clip_vs_fid_svg(rows)]):
+        if svg.startswith("<svg"):
+            name = f"plot_{i:02d}.svg"
+            (assets / name).write_text(svg, encoding="utf-8")
+            plot_files.append(f"report_assets/{name}")
+
+    md = out_dir / "report.md"
+    md.write_text(render_markdown(rows, grid_files, plot_files, title, prompts), encoding="utf-8")
+    page = out_dir / "report.html"
+    page.write_text(render_html(rows, grids, title, prompts), encoding="utf-8")
+    return {"markdown": md, "html": page, "assets": assets}
+
+
+def log_report_to_wandb(rows: Sequence[Row], grids: Mapping[Any, Any] | None, run: Any,
+                        prefix: str = "eval") -> None:
+    """Logs the metrics as a wandb.Table and each grid as a wandb.Image; no-op when run is None."""
+    if run is None:
+        return
+    import wandb
+
+    flat = [flatten_row(r) for r in sorted_rows(rows)]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat])
+    payload: dict[str, Any] = {f"{prefix}/results": table}
+    for key, image in (grids or {}).items():
+        label = grid_label(key)
+        payload[f"{prefix}/samples/{label}"] = wandb.Image(to_pil_image(image).convert("RGB"), caption=label)
+    run.log(payload)
