@@ -15,7 +15,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ldmkit.lit.checkpointing import restart_resume_path, trainer_plugins, wandb_resume_overrides
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +109,19 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     model: LightningModule = instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # + AtomicCheckpointIO (a kill never corrupts last.ckpt) and, in a SLURM job, SLURMEnvironment(auto_requeue)
+    plugins = trainer_plugins(instantiate(cfg.trainer.get("plugins")))
+    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     return {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks, "loggers": loggers, "trainer": trainer}
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit (and optionally test) the configured stage, export its artifact; return (metrics, objects)."""
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    # a requeued SLURM job / restarted torchrun worker continues from this run's last.ckpt unasked
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path") or restart_resume_path(cfg.paths.output_dir), cfg.paths.output_dir)
+    if wandb_resume := wandb_resume_overrides(cfg.get("logger"), ckpt_path):  # continue the same W&B run
+        with open_dict(cfg):
+            cfg.logger.wandb.update(wandb_resume)
     objects = build(cfg)
     model, datamodule, trainer = objects["model"], objects["datamodule"], objects["trainer"]
     _log_config(objects["loggers"], cfg)
