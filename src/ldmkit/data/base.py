@@ -1,0 +1,189 @@
+"""Shared LightningDataModule: DataLoader settings, splits, and logging of skipped samples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ldmkit.data.collate import collate_samples
+from ldmkit.data.images import validate_resolution
+from ldmkit.data.skips import SkipCounter
+
+SPLITS = ("train", "val", "test")
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",), None: SPLITS}
+
+
+def _positive_int(value: object, name: str, source: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{source}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Base of every ldmkit datamodule; batches follow docs/CONVENTIONS.md (`collate_samples`).
+
+    Subclasses implement `make_dataset(split, augment)` (map-style or iterable) and, when the
+    source lives on disk, `check_source()` that raises an actionable error. Nothing is read or
+    generated at construction time; `setup()` checks the source and builds the split datasets.
+
+    DataLoaders: train shuffles map-style datasets with a `seed`-ed generator (Lightning swaps in
+    a DistributedSampler under DDP) and drops the last partial batch; workers are persistent
+    when `num_workers > 0`; `pin_memory` defaults to "CUDA is available".
+
+    Sources that can drop samples (`may_skip`) keep one `SkipCounter` per split in `self.skips`;
+    `skipped_counts(split)` reads them and `log_skipped(module, split)` logs them. During
+    `trainer.fit` a `SkippedSamplesLogger` callback is attached automatically (unless
+    `log_skips_every_n_steps=0`) so the counts land in the run's logger as ``data/skipped_*``.
+    """
+
+    name = "data"
+    min_resolution = 1
+    may_skip = False
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        resolution: int = 32,
+        seed: int = 42,
+        *,
+        val_batch_size: int | None = None,
+        pin_memory: bool | None = None,
+        hflip: bool = False,
+        log_skips_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.batch_size = _positive_int(batch_size, "batch_size", self.name)
+        self.val_batch_size = _positive_int(val_batch_size or batch_size, "val_batch_size", self.name)
+        self.num_workers = _positive_int(num_workers, "num_workers", self.name, minimum=0)
+        self.resolution = validate_resolution(resolution, self.min_resolution, self.name)
+        self.seed = int(seed)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.hflip = bool(hflip)
+        self.log_skips_every_n_steps = int(log_skips_every_n_steps)
+        self.skips: dict[str, SkipCounter] = (
+            {split: SkipCounter(f"{self.name}/{split}") for split in SPLITS} if self.may_skip else {}
+        )
+        self._datasets: dict[str, Dataset] = {}
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def check_source(self) -> None:
+        """Raise an actionable error when the data is missing (called by `setup`)."""
+
+    def make_dataset(self, split: str, augment: bool = False) -> Dataset:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage not in _STAGE_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; one of {tuple(_STAGE_SPLITS)}")
+        self.check_source()
+        for split in _STAGE_SPLITS[stage]:
+            self.dataset(split)
+        if stage == "fit":
+            self._attach_skip_logger()
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of `split` ("train", "val" or "test"), built on first use."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self._datasets:
+            self.check_source()
+            self._datasets[split] = self.make_dataset(split, augment=self.hflip and split == "train")
+        return self._datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    def dataloader(self, split: str) -> DataLoader:
+        dataset = self.dataset(split)
+        train = split == "train"
+        options: dict[str, Any] = {}
+        if isinstance(dataset, IterableDataset):
+            if hasattr(dataset, "set_distributed") and self.trainer is not None:
+                # Captured here, in the main process: DataLoader workers cannot see the process group.
+                dataset.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+        elif train:
+            options.update(shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=train,
+            collate_fn=collate_samples,
+            **options,
+        )
+
+    # ------------------------------------------------------------------ skipped samples
+
+    def skipped_counts(self, split: str = "train") -> dict[str, int]:
+        """Samples of `split` skipped so far in this process and its workers, per reason + ``total``."""
+        counter = self.skips.get(split)
+        return counter.totals() if counter is not None else {"total": 0}
+
+    def log_skipped(self, module: L.LightningModule, split: str = "train") -> dict[str, int]:
+        """Log ``data/skipped_<split>/<reason>`` (non-zero reasons + total) from a hook that may log."""
+        counts = self.skipped_counts(split)
+        values = {f"data/skipped_{split}/{k}": float(v) for k, v in counts.items() if v or k == "total"}
+        per_step = split == "train"
+        module.log_dict(values, on_step=per_step, on_epoch=not per_step, reduce_fx="max", batch_size=1)
+        return counts
+
+    def _attach_skip_logger(self) -> None:
+        trainer = self.trainer
+        if not self.may_skip or self.log_skips_every_n_steps <= 0 or trainer is None:
+            return
+        if not any(isinstance(cb, SkippedSamplesLogger) for cb in trainer.callbacks):
+            trainer.callbacks.append(SkippedSamplesLogger(self.log_skips_every_n_steps))
+
+
+class SkippedSamplesLogger(L.Callback):
+    """Logs the datamodule's skipped-sample counts every `every_n_steps` and after val/test epochs."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = max(1, int(every_n_steps))
+        self._warned_total = 0
+
+    @staticmethod
+    def _datamodule(trainer: L.Trainer) -> ImageTextDataModule | None:
+        dm = getattr(trainer, "datamodule", None)
+        return dm if isinstance(dm, ImageTextDataModule) else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = self._datamodule(trainer)
+        if dm is not None and batch_idx % self.every_n_steps == 0:
+            dm.log_skipped(pl_module, "train")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        dm = self._datamodule(trainer)
+        if dm is None:
+            return
+        counts = dm.skipped_counts("train")
+        if counts["total"] > self._warned_total:
+            self._warned_total = counts["total"]
+            nonzero = {k: v for k, v in counts.items() if v and k != "total"}
+            rank_zero_warn(f"{dm.name}: {counts['total']} training samples skipped so far (rank 0): {nonzero}")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        dm = self._datamodule(trainer)
+        if dm is not None and not trainer.sanity_checking:
+            dm.log_skipped(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        dm = self._datamodule(trainer)
+        if dm is not None:
+            dm.log_skipped(pl_module, "test")

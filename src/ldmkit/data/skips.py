@@ -1,0 +1,75 @@
+"""Counting samples that were skipped instead of crashing training.
+
+What is counted (per reason, see `SKIP_REASONS`):
+
+- ``decode_error``: image bytes / file that PIL cannot decode (garbage, truncated, unsupported).
+- ``missing_image``: a shard sample with no ``jpg``/``jpeg``/``png``/``webp`` member.
+- ``shard_error``: a shard that could not be opened or read to the end (missing file, truncated or
+  garbage tar). Counted once per failure; the samples after the failure point are lost and
+  are *not* counted individually (their number is unknown).
+- ``too_small`` / ``bad_aspect``: samples removed by the optional ``min_size`` /
+  ``max_aspect_ratio`` filters (not errors, but reported so a filter that eats everything is visible).
+- ``unreadable_file``: an image-folder file that cannot be opened at all (permissions, vanished).
+
+Counts live in a small shared-memory tensor with one row per DataLoader worker (row 0: the main
+process), so the training process can read the totals of all its workers without any
+synchronisation and without two processes ever writing the same cell. Under DDP each rank has its
+own counter; the logged values are per rank (sum them across ranks for the global figure).
+Each worker also logs a warning with the sample key, the reason and its running count (the first
+`warn_first` skips, then at powers of two, so a broken dataset cannot flood the log).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import get_worker_info
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("decode_error", "missing_image", "shard_error", "too_small", "bad_aspect", "unreadable_file")
+MAX_WORKER_SLOTS = 64
+
+
+class SkipCounter:
+    """Per-reason counts of skipped samples, aggregated over DataLoader workers of this process."""
+
+    def __init__(self, name: str = "data", warn_first: int = 5) -> None:
+        self.name = name
+        self.warn_first = warn_first
+        # (1 + workers, reasons); shared memory so worker processes' increments are visible here.
+        self.counts = torch.zeros(1 + MAX_WORKER_SLOTS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+
+    def add(self, reason: str, key: str = "?", error: BaseException | str | None = None) -> None:
+        """Count one skipped sample (call from wherever the sample was dropped, any worker)."""
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; one of {SKIP_REASONS}")
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % MAX_WORKER_SLOTS
+        self.counts[slot, SKIP_REASONS.index(reason)] += 1
+        in_slot = int(self.counts[slot].sum())
+        if in_slot <= self.warn_first or (in_slot & (in_slot - 1)) == 0:
+            where = "main process" if info is None else f"worker {info.id}"
+            detail = f": {str(error)[:200]}" if error else ""
+            log.warning(
+                "%s: skipped sample %r (%s%s); %d skipped so far in %s",
+                self.name, key, reason, detail, in_slot, where,
+            )
+
+    def totals(self) -> dict[str, int]:
+        """Counts per reason over all workers of this process, plus ``total``."""
+        per_reason = self.counts.sum(dim=0).tolist()
+        totals = dict(zip(SKIP_REASONS, per_reason))
+        totals["total"] = sum(per_reason)
+        return totals
+
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    def __repr__(self) -> str:
+        nonzero = {k: v for k, v in self.totals().items() if v}
+        return f"SkipCounter({self.name!r}, {nonzero})"
