@@ -9,6 +9,19 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(autouse=True)
+def single_threaded_blas():
+    """One BLAS thread, like torch.set_num_threads(1) in tests/conftest.py: on the shared 2-core
+    machine, OpenBLAS threads spin-waiting under load made a 2048-d eigvals cost 5x its CPU time."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
+
+
 def random_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """A state dict of torch-fidelity's Inception-v3 with random, variance-preserving weights.
 

@@ -55,7 +55,8 @@ def test_non_latin1_prompt_and_missing_chunk(tmp_path):
 
 
 def test_parse_prompt_without_settings_and_unknown_keys():
-    assert parse_parameters("just a prompt\nover two lines") == GenerationParameters(prompt="just a prompt\nover two lines")
+    text = "just a prompt\nover two lines"
+    assert parse_parameters(text) == GenerationParameters(prompt=text)
     parsed = parse_parameters("p\nSteps: 8, Sampler: heun, Seed: 5, Size: big, Clip skip: 2")
     assert (parsed.steps, parsed.sampler, parsed.seed, parsed.size) == (8, "heun", 5, None)
     assert parsed.extra == {"Size": "big", "Clip skip": "2"}

@@ -52,7 +52,9 @@ def clip_image_preprocess(
 
 
 def open_clip_encoders(
-    model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor], preprocess: Callable[[Tensor], Tensor] | None = None
+    model: nn.Module,
+    tokenizer: Callable[[Sequence[str]], Tensor],
+    preprocess: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[ImageEncoder, TextEncoder]:
     """Image and text encoders from an open_clip model; `preprocess` defaults to the model's own
     image size / mean / std (open_clip's `preprocess_cfg`)."""

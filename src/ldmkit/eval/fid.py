@@ -260,7 +260,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     `scipy.linalg.sqrtm` + eps*I fallback and needs no fallback.
     """
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics do not match: mean {mu1.shape} vs {mu2.shape}, cov {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(
+            f"statistics do not match: mean {mu1.shape} vs {mu2.shape}, cov {sigma1.shape} vs {sigma2.shape}"
+        )
     diff = mu1 - mu2
     tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(sigma1.dot(sigma2)).astype("complex128")).real)
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)

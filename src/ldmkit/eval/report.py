@@ -371,6 +371,8 @@ def write_report(
     out_dir = Path(out_dir)
     assets = out_dir / "report_assets"
     assets.mkdir(parents=True, exist_ok=True)
+    for stale in [*assets.glob("grid_*.png"), *assets.glob("plot_*.svg")]:  # from an earlier report
+        stale.unlink()
     grids = dict(grids or {})
 
     grid_files: dict[Any, str] = {}
