@@ -1,0 +1,145 @@
+"""Per-sample denoising loss: timestep sampling, noising, target, and loss weighting.
+
+The loss is unreduced, (B,): the caller reduces (edm `training/loss.py` pattern). No `.item()` or
+other host syncs: everything stays on x0's device.
+
+Weightings are defined as a weight on the x0-space error ||x̂_0 - x_0||² and converted to the
+chosen prediction's space, so the same `weighting` means the same objective whatever `prediction` is
+(Hang et al. 2023, §3.3; Kingma & Gao 2023): with SNR = ᾱ/(1 - ᾱ),
+    ||ε̂ - ε||² = SNR ||x̂_0 - x_0||²,   ||v̂ - v||² = (SNR + 1) ||x̂_0 - x_0||².
+    uniform   w = 1 on the prediction's own MSE ("simple" loss, Ho et al. 2020) - no conversion.
+    min_snr   w_x0 = min(SNR, γ)                     (Hang et al. 2023, eq. 9)
+    snr       w_x0 = SNR  (= plain ε-MSE for any parameterisation)
+    edm       w_x0 = (σ̃² + σ_data²) / (σ̃ σ_data)²  = SNR + 1/σ_data²   (Karras et al. 2022, λ(σ) in Table 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ldmkit.diffusion.parameterization import check_prediction, target
+from ldmkit.diffusion.schedules import Schedule, q_sample
+
+WEIGHTINGS = ("uniform", "min_snr", "snr", "edm")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+_WEIGHTING_ALIASES = {"simple": "uniform", "min_snr_gamma": "min_snr"}
+
+
+def sample_timesteps(
+    batch_size: int,
+    num_timesteps: int,
+    *,
+    method: str = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Integer timesteps (B,) in [0, T-1]. `uniform`, or `logit_normal` (Esser et al. 2024, §3.1):
+    u = sigmoid(N(mean, std²)), t = floor(u·T), so larger `mean` favours noisier timesteps."""
+    if method == "uniform":
+        return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
+    if method == "logit_normal":
+        u = torch.sigmoid(mean + std * torch.randn(batch_size, generator=generator, device=device))
+        return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
+    raise ValueError(f"Unknown timestep sampling '{method}'; choose one of {', '.join(TIMESTEP_SAMPLINGS)}.")
+
+
+def x0_error_scale(snr: Tensor, prediction: str) -> Tensor:
+    """c(SNR) with ||pred error||² = c · ||x0 error||² for the given parameterisation."""
+    if prediction == "eps":
+        return snr
+    if prediction == "v":
+        return snr + 1
+    check_prediction(prediction)
+    return torch.ones_like(snr)
+
+
+def loss_weight(
+    weighting: str, snr: Tensor, prediction: str, *, min_snr_gamma: float = 5.0, sigma_data: float = 0.5
+) -> Tensor:
+    """Weight on the prediction-space MSE so that the objective is `weighting` (see module docstring).
+    SNR = 0 (zero-terminal-SNR timestep) gets the limit value where it is finite."""
+    weighting = _WEIGHTING_ALIASES.get(weighting, weighting)
+    check_prediction(prediction)
+    if weighting == "uniform":
+        return torch.ones_like(snr)
+    if weighting == "min_snr":
+        if prediction == "eps":  # min(SNR, γ)/SNR written so that SNR = 0 gives its limit 1
+            return (min_snr_gamma / snr).clamp(max=1.0)
+        return snr.clamp(max=min_snr_gamma) / x0_error_scale(snr, prediction)
+    if weighting == "snr":
+        if prediction == "eps":
+            return torch.ones_like(snr)
+        return snr / x0_error_scale(snr, prediction)
+    if weighting == "edm":
+        if prediction == "eps":
+            return 1 + 1 / (sigma_data**2 * snr)
+        return (snr + 1 / sigma_data**2) / x0_error_scale(snr, prediction)
+    raise ValueError(f"Unknown loss weighting '{weighting}'; choose one of {', '.join(WEIGHTINGS)}.")
+
+
+@dataclass
+class DenoisingLoss:
+    """`loss_fn(model, x0, schedule, cond=..., generator=...) -> (per_sample_loss (B,), t (B,))`.
+
+    `model(x_t, t, cond)` returns the raw output in `prediction` parameterisation; t is a LongTensor.
+    `offset_noise` adds offset · N(0, 1) per (sample, channel) to ε (Guttenberg 2023); it is part of
+    the noise the model must predict. `input_perturbation` noises x_t with ε + γ·ξ while the target
+    keeps ε (Ning et al. 2023, DDPM-IP). `edm_sigma_data` is σ_data of the `edm` weighting.
+    """
+
+    prediction: str = "eps"
+    weighting: str = "uniform"
+    min_snr_gamma: float = 5.0
+    timestep_sampling: str = "uniform"
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    offset_noise: float = 0.0
+    input_perturbation: float = 0.0
+    edm_sigma_data: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_prediction(self.prediction)
+        self.weighting = _WEIGHTING_ALIASES.get(self.weighting, self.weighting)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"Unknown loss weighting '{self.weighting}'; choose one of {', '.join(WEIGHTINGS)}.")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(
+                f"Unknown timestep sampling '{self.timestep_sampling}'; choose one of {', '.join(TIMESTEP_SAMPLINGS)}."
+            )
+
+    def __call__(
+        self, model, x0: Tensor, schedule: Schedule, *, cond=None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if self.weighting == "edm" and self.prediction == "eps" and schedule.has_zero_terminal_snr:
+            raise ValueError(
+                "weighting='edm' with prediction='eps' puts infinite weight on the zero-SNR timestep; "
+                "use prediction='v' or 'x0' with zero_terminal_snr (Lin et al. 2023 train with v)."
+            )
+        batch, device = x0.shape[0], x0.device
+        t = sample_timesteps(
+            batch, schedule.num_timesteps, method=self.timestep_sampling, mean=self.logit_normal_mean,
+            std=self.logit_normal_std, generator=generator, device=device,
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        if self.offset_noise:
+            offset_shape = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (B, C, 1, 1)
+            noise = noise + self.offset_noise * torch.randn(offset_shape, generator=generator, device=device, dtype=x0.dtype)
+        model_noise = noise
+        if self.input_perturbation:
+            model_noise = noise + self.input_perturbation * torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        x_t = q_sample(schedule, x0, t, model_noise)
+        pred = model(x_t, t, cond)
+        table = schedule.tables(device)
+        alpha_bar = table["alphas_cumprod"][t]
+        goal = target(self.prediction, x0, noise, alpha_bar)
+        mse = (pred.float() - goal.float()).square().flatten(1).mean(1)  # (B,)
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = loss_weight(
+            self.weighting, snr, self.prediction, min_snr_gamma=self.min_snr_gamma, sigma_data=self.edm_sigma_data
+        )
+        return mse * weight.to(mse.dtype), t

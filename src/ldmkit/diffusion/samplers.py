@@ -1,0 +1,336 @@
+"""Samplers: small functions `(denoiser, x_T, schedule, steps, *, generator, callback, **options) -> x_0`.
+
+Inside the library a *denoiser* is `denoiser(x, level) -> x̂_0`: x is in the variance-preserving scale
+(x = α x_0 + σ ε) at the `NoiseLevel` `level` of the grid, and the result is the x_0 prediction
+(`ldmkit.diffusion.sample` builds it from a raw eps/v/x0 network). Every sampler walks the same grid,
+`sampling_grid(schedule, steps, **grid_options)` (`spacing`, `sigma_min`, `sigma_max`, `rho`,
+`steps_offset`), so samplers given the same steps and spacing are compared on the same noise levels.
+Coordinates used in the comments: α, σ (VP), λ = log(α/σ), and k-diffusion's x̃ = x/α, σ̃ = σ/α.
+
+Randomness comes only from `generator` (a torch.Generator, or one per sample so a batch reproduces
+whatever its size). `callback(i, n, x, x0)` is called after step i of n with the new state x and the
+x_0 prediction that step used.
+
+Zero terminal SNR (ᾱ = 0 at the first grid point, σ̃ = ∞, λ = -∞): every sampler takes the exact
+first-order (DDIM) step out of pure noise; no sampler uses that point for a higher-order correction or as
+multistep history, because across an infinite λ or σ̃ interval those terms vanish (multistep weights,
+Lagrange bases) or are undefined (Heun/PLMS correctors). Steps into clean data (ᾱ = 1) are first order
+for the λ-based solvers (DPM-Solver++, UniPC), as in their papers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ldmkit.diffusion.schedules import NoiseLevel, Schedule, sampling_grid
+
+Denoiser = Callable[[Tensor, NoiseLevel], Tensor]
+Callback = Callable[[int, int, Tensor, Tensor], None]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
+    """N(0, I) shaped like x; a sequence of generators draws sample i from generator i (edm's
+    StackedRandomGenerator), so a sample's noise does not depend on the batch it is in."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"Got {len(generator)} generators for a batch of {x.shape[0]}; pass one per sample.")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+
+
+def _eps(x: Tensor, x0: Tensor, level: NoiseLevel) -> Tensor:
+    """ε̂ = (x - α x̂_0)/σ, which is also dx̃/dσ̃ of the probability-flow ODE (Karras et al. 2022, eq. 3)."""
+    return (x - level.alpha * x0) / level.sigma
+
+
+def _report(callback: Callback | None, i: int, n: int, x: Tensor, x0: Tensor) -> None:
+    if callback is not None:
+        callback(i, n, x, x0)
+
+
+def _ddim_step(x0: Tensor, eps: Tensor, nxt: NoiseLevel) -> Tensor:
+    # x' = α' x̂_0 + σ' ε̂. Equal to the k-diffusion Euler step x̃' = x̃ + (σ̃' - σ̃) ε̂, rewritten as
+    # x̃' = x̂_0 + σ̃' ε̂ so that it stays exact when σ̃ = ∞ (zero terminal SNR).
+    return nxt.alpha * x0 + nxt.sigma * eps
+
+
+def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *, eta: float = 0.0,
+                generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """DDIM, Song et al. 2021 eq. 12 with σ_t(η) from eq. 16. η=0: deterministic; η=1: DDPM ancestral sampling."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        eps = _eps(x, x0, cur)
+        # σ_t(η)² = η² (1-ᾱ')/(1-ᾱ) · (1 - ᾱ/ᾱ')
+        var = eta**2 * (1 - nxt.alpha_bar) / (1 - cur.alpha_bar) * (1 - cur.alpha_bar / nxt.alpha_bar)
+        x = nxt.alpha * x0 + math.sqrt(max(1 - nxt.alpha_bar - var, 0.0)) * eps
+        if var > 0:
+            x = x + math.sqrt(var) * randn_like(x, generator)
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def sample_ddpm(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
+                generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """DDPM ancestral sampling, Ho et al. 2020 eqs. 6-7: x' ~ q(x' | x, x̂_0) = N(μ̃, β̃ I), with
+    β = 1 - ᾱ/ᾱ' the variance of the (possibly strided) step and β̃ = (1-ᾱ')/(1-ᾱ) β."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        beta = 1 - cur.alpha_bar / nxt.alpha_bar
+        x0_coef = nxt.alpha * beta / (1 - cur.alpha_bar)
+        x_coef = math.sqrt(1 - beta) * (1 - nxt.alpha_bar) / (1 - cur.alpha_bar)
+        var = (1 - nxt.alpha_bar) / (1 - cur.alpha_bar) * beta
+        x = x0_coef * x0 + x_coef * x
+        if var > 0:
+            x = x + math.sqrt(var) * randn_like(x, generator)
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def sample_euler(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
+                 generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """Euler on the probability-flow ODE dx̃/dσ̃ = ε̂ (Karras et al. 2022, Alg. 2 without churn;
+    k-diffusion `sample_euler`). In these coordinates it coincides with DDIM η=0 (Karras et al. §3)."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        x = _ddim_step(x0, _eps(x, x0, cur), nxt)
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def sample_euler_ancestral(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *, eta: float = 1.0,
+                           generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """Euler ancestral (k-diffusion `sample_euler_ancestral`): Euler down to σ̃_down, then add σ̃_up noise, with
+    σ̃_up = η σ̃' sqrt(1 - (σ̃'/σ̃)²), σ̃_down² = σ̃'² - σ̃_up². At η=1 this is the DDPM posterior step (β̃)."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        eps = _eps(x, x0, cur)
+        ratio = nxt.sigma * cur.alpha / (nxt.alpha * cur.sigma)  # σ̃'/σ̃, 0 when σ̃ = ∞
+        sigma_up = min(nxt.sigma_ve, eta * nxt.sigma_ve * math.sqrt(max(1 - ratio**2, 0.0)))
+        sigma_down = math.sqrt(max(nxt.sigma_ve**2 - sigma_up**2, 0.0))
+        x_tilde = x0 + sigma_down * eps
+        if sigma_up > 0:
+            x_tilde = x_tilde + sigma_up * randn_like(x, generator)
+        x = nxt.alpha * x_tilde
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def sample_heun(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
+                generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """Heun's 2nd-order method on dx̃/dσ̃ = ε̂ (Karras et al. 2022, Alg. 1, deterministic): an Euler
+    predictor, then the trapezoidal corrector, except into σ̃ = 0 (and out of σ̃ = ∞) where it is Euler.
+    2·steps - 1 model evaluations."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        eps = _eps(x, x0, cur)
+        x_euler = _ddim_step(x0, eps, nxt)
+        if nxt.is_clean or cur.alpha_bar == 0:
+            x = x_euler
+        else:
+            eps_next = _eps(x_euler, denoiser(x_euler, nxt), nxt)
+            x_tilde = x / cur.alpha + (nxt.sigma_ve - cur.sigma_ve) * (eps + eps_next) / 2
+            x = nxt.alpha * x_tilde
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def _lagrange_integral(nodes: Sequence[float], j: int, start: float, end: float) -> float:
+    """∫_start^end Π_{k≠j} (s - n_k)/(n_j - n_k) ds, exactly: expand the polynomial in u = s - start."""
+    poly = [1.0]  # coefficients of u^0, u^1, ...
+    for k, node in enumerate(nodes):
+        if k == j:
+            continue
+        shift, scale = node - start, 1.0 / (nodes[j] - node)
+        # multiply by (u - shift) * scale
+        poly = [scale * (a - shift * b) for a, b in zip([0.0] + poly, poly + [0.0])]
+    width = end - start
+    return sum(c * width ** (m + 1) / (m + 1) for m, c in enumerate(poly))
+
+
+def sample_lms(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *, order: int = 4,
+               generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """Linear multistep (Adams–Bashforth) in σ̃ on dx̃/dσ̃ = ε̂ (k-diffusion `sample_lms`): x̃' = x̃ + Σ_j c_j ε̂_j
+    with c_j the integral over [σ̃, σ̃'] of the Lagrange basis through the last `order` σ̃'s."""
+    if order < 1:
+        raise ValueError(f"lms order must be >= 1, got {order}.")
+    grid = sampling_grid(schedule, steps, **grid_options)
+    history: list[tuple[float, Tensor]] = []  # (σ̃_j, ε̂_j), newest last
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        eps = _eps(x, x0, cur)
+        if cur.alpha_bar == 0:  # σ̃ = ∞: the exact first-order step; its Lagrange basis vanishes afterwards
+            x = _ddim_step(x0, eps, nxt)
+        else:
+            history = (history + [(cur.sigma_ve, eps)])[-order:]
+            nodes = [s for s, _ in history]
+            x_tilde = x / cur.alpha
+            for j, (_, eps_j) in enumerate(history):
+                x_tilde = x_tilde + _lagrange_integral(nodes, j, cur.sigma_ve, nxt.sigma_ve) * eps_j
+            x = nxt.alpha * x_tilde
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _ddim_transfer(x: Tensor, eps: Tensor, cur: NoiseLevel, nxt: NoiseLevel) -> Tensor:
+    # PNDM's transfer φ(x, ε, t, t') (Liu et al. 2022, eq. 9) = the DDIM step with x̂_0 = (x - σ ε)/α
+    return nxt.alpha * (x - cur.sigma * eps) / cur.alpha + nxt.sigma * eps
+
+
+def sample_plms(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
+                generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """PLMS / PNDM (Liu et al. 2022, eqs. 9, 12): 4th-order Adams–Bashforth on ε̂ (uniform in the step index)
+    through the DDIM transfer; the first step is a pseudo improved Euler step (one extra evaluation), as in
+    LDM's PLMS and diffusers' PNDM with `skip_prk_steps`. steps + 1 model evaluations (steps when steps = 1)."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    history: list[Tensor] = []  # ε̂, newest last
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        eps = _eps(x, x0, cur)
+        if cur.alpha_bar == 0:  # out of pure noise: exact DDIM step, PLMS warm-up starts at the next point
+            x = _ddim_step(x0, eps, nxt)
+            _report(callback, i, steps, x, x0)
+            continue
+        history = (history + [eps])[-4:]
+        if len(history) == 1 and not nxt.is_clean:
+            x_euler = _ddim_transfer(x, eps, cur, nxt)
+            eps_combined = (eps + _eps(x_euler, denoiser(x_euler, nxt), nxt)) / 2
+        else:
+            coefs = _ADAMS_BASHFORTH[len(history)]
+            eps_combined = sum(c * e for c, e in zip(coefs, reversed(history)))
+        x = _ddim_transfer(x, eps_combined, cur, nxt)
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
+                    generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022b Alg. 2: data-prediction multistep in λ,
+    x' = (σ'/σ) x - α' (e^{-h} - 1) D,  D = x̂_0 + (x̂_0 - x̂_0^prev) / (2r),  r = h_prev / h."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    prev: tuple[Tensor, float] | None = None  # (x̂_0, h) of the previous step
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        h = nxt.lam - cur.lam
+        d = x0
+        if prev is not None and math.isfinite(h) and math.isfinite(prev[1]):
+            d = x0 + (h / (2 * prev[1])) * (x0 - prev[0])
+        x = (nxt.sigma / cur.sigma) * x - (nxt.alpha * math.expm1(-h)) * d
+        prev = (x0, h)
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *, eta: float = 1.0,
+                        generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+    """SDE-DPM-Solver++(2M), Lu et al. 2022b §5 (k-diffusion `sample_dpmpp_2m_sde`, midpoint variant):
+    x' = (σ'/σ) e^{-ηh} x + α'(1 - e^{-(1+η)h}) (x̂_0 + (x̂_0 - x̂_0^prev)/(2r)) + σ' sqrt(1 - e^{-2ηh}) z.
+    η=1 is the SDE solver, η=0 reduces to DPM-Solver++(2M)."""
+    grid = sampling_grid(schedule, steps, **grid_options)
+    prev: tuple[Tensor, float] | None = None
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        h = nxt.lam - cur.lam
+        eta_h = eta * h if eta else 0.0
+        data_coef = -nxt.alpha * math.expm1(-h - eta_h)
+        x_next = (nxt.sigma / cur.sigma * math.exp(-eta_h)) * x + data_coef * x0
+        if prev is not None and math.isfinite(h) and math.isfinite(prev[1]):
+            x_next = x_next + (data_coef * h / (2 * prev[1])) * (x0 - prev[0])
+        noise_std = nxt.sigma * math.sqrt(-math.expm1(-2 * eta_h))
+        if noise_std > 0:
+            x_next = x_next + noise_std * randn_like(x, generator)
+        x, prev = x_next, (x0, h)
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def _unipc_step(x: Tensor, cur: NoiseLevel, nxt: NoiseLevel, base: Tensor, nodes: Sequence[tuple[float, Tensor]],
+                variant: str, new: Tensor | None = None) -> Tensor:
+    """One UniP (new=None) or UniC (new = x̂_0 at nxt) update, Zhao et al. 2023 Alg. 2/3, data prediction.
+    `base` is x̂_0 at `cur`, `nodes` older (λ, x̂_0) pairs (newest first); the order is len(nodes) + 1."""
+    h = nxt.lam - cur.lam
+    hh = -h  # data prediction integrates e^{-λ}
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    rks = [(lam_k - cur.lam) / h for lam_k, _ in nodes]
+    diffs = [(x0_k - base) / rk for rk, (_, x0_k) in zip(rks, nodes)]
+    if new is not None:
+        rks, diffs = rks + [1.0], diffs + [new - base]
+    order = len(nodes) + 1
+    # b_k = k! φ_{k+1}(hh) h^... / B(h): the recursion φ_{k+1} = (φ_k - 1/k!) / hh, Zhao et al. eq. 9
+    b, phi, factorial = [], h_phi_1 / hh - 1, 1.0
+    for k in range(1, order + 1):
+        b.append(phi * factorial / b_h)
+        factorial *= k + 1
+        phi = phi / hh - 1 / factorial
+    x_next = (nxt.sigma / cur.sigma) * x - (nxt.alpha * h_phi_1) * base
+    if diffs:
+        size = len(diffs)
+        if size == 1 and (new is not None or order == 2):
+            rhos = [0.5]  # UniC-1 and UniP-2 use ρ = 1/2 (the paper's reference implementation)
+        else:
+            vander = torch.tensor([[rk**k for rk in rks] for k in range(size)], dtype=torch.float64)
+            rhos = torch.linalg.solve(vander, torch.tensor(b[:size], dtype=torch.float64)).tolist()
+        x_next = x_next - (nxt.alpha * b_h) * sum(rho * d for rho, d in zip(rhos, diffs))
+    return x_next
+
+
+def sample_unipc(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *, order: int = 2,
+                 variant: str = "bh2", corrector: bool = True, generator: Generator = None,
+                 callback: Callback | None = None, **grid_options) -> Tensor:
+    """UniPC (Zhao et al. 2023): UniP-`order` predictor with the UniC corrector applied to each new point
+    using the evaluation the next predictor needs anyway (no extra evaluations), data prediction,
+    B(h) = `bh1` (h) or `bh2` (e^h - 1). Warm-up and final steps use lower order."""
+    if not 1 <= order <= 3 or variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc needs order in 1..3 and variant 'bh1' or 'bh2', got order={order}, variant={variant!r}.")
+    grid = sampling_grid(schedule, steps, **grid_options)
+    history: list[tuple[float, Tensor]] = []  # (λ, x̂_0) at finite-λ points, newest last
+    last = None  # (x, level, x̂_0, nodes) the previous predictor started from
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        if corrector and last is not None and math.isfinite(last[1].lam):
+            x = _unipc_step(last[0], last[1], cur, last[2], last[3], variant, new=x0)
+        history = (history + [(cur.lam, x0)])[-order:] if math.isfinite(cur.lam) else []
+        p = 1 if nxt.is_clean else max(1, min(order, len(history), steps - i))
+        nodes = [history[-1 - k] for k in range(1, p)]
+        last = (x, cur, x0, nodes)
+        x = _unipc_step(x, cur, nxt, x0, nodes, variant)
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "plms": sample_plms,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "lms": sample_lms,
+}
+
+
+def nfe(sampler: str, steps: int, *, from_zero_snr: bool = False) -> int:
+    """Model evaluations `sampler` makes in `steps` steps (`from_zero_snr`: the grid starts at ᾱ = 0)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    if sampler == "heun":
+        return 2 * steps - 1 - (1 if from_zero_snr and steps > 1 else 0)
+    if sampler == "plms":
+        return steps + 1 if steps >= (3 if from_zero_snr else 2) else steps
+    return steps
