@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
-from conftest import CONF_DIR
+from tests.conftest import CONF_DIR
 from ldmkit.pipeline import instantiate_group
 
 
