@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmkit.lit.checkpointing import restart_resume_path, trainer_plugins, wandb_resume_overrides
+from ldmkit.lit.distributed import finish_job
 
 log = logging.getLogger(__name__)
 
@@ -140,4 +141,5 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("test", False):
         trainer.test(model, datamodule=datamodule, weights_only=True)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
+    finish_job()  # close the W&B run and the process group: the next job of a multirun starts clean
     return metrics, objects

@@ -74,8 +74,11 @@ class TinyModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.ema.update(self.net, images_per_step=len(batch["x"]), step=self.global_step)
+    def optimizer_step(self, *args, **kwargs):
+        # EMA after the optimizer step, inside the step: callbacks' on_train_batch_end (ModelCheckpoint,
+        # PreemptionCheckpoint) run *before* the module's, so an update there would miss the checkpoint
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.net, images_per_step=self.trainer.datamodule.batch_size, step=self.global_step)
 
     def validation_step(self, batch, batch_idx):
         loss = nn.functional.mse_loss(self.ema.shadow(batch["x"]).float(), batch["y"])
@@ -114,6 +117,7 @@ class TinyManualModule(TinyModule):
         opt_g.zero_grad()
         self.manual_backward(loss)
         opt_g.step()
+        self.ema.update(self.net, images_per_step=len(x), step=self.global_step)
         d_loss = self.critic(self.net(x).detach()).pow(2).mean()
         opt_d.zero_grad()
         self.manual_backward(d_loss)

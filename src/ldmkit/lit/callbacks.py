@@ -72,11 +72,13 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 class RNGStateCheckpoint(Callback):
     """Resume with the exact random stream an uninterrupted run would have used.
 
-    Saves all ranks' states (gathered on save, one small collective per checkpoint), restores this
-    rank's at the first `on_train_batch_start` after resuming, i.e. after Lightning has rebuilt the
-    dataloader iterators (which draw from the global RNG) and just before the training step that
-    would have come next. `isolate_validation` restores the training RNG after every validation run,
-    so whether a resumed run repeats a validation or not cannot shift the training noise.
+    Saves all ranks' states (gathered on save, one small collective per checkpoint) and restores
+    this rank's so that the next training step draws what it would have drawn uninterrupted:
+    at `on_fit_start` (before Lightning builds the dataloader iterator, which draws one seed from the
+    global RNG, as the uninterrupted run did when it started the next epoch), and again at the first
+    training batch when the checkpoint was taken mid-epoch (the uninterrupted run built no iterator
+    there). `isolate_validation` restores the training RNG after every validation run, so whether a
+    resumed run repeats a validation or not cannot shift the training noise.
     `per_rank_seed` reseeds rank r with `seed * world_size + r` at fit start: DDP ranks then draw
     different diffusion noise/timesteps instead of identical ones (a single process is unaffected).
 
@@ -91,7 +93,9 @@ class RNGStateCheckpoint(Callback):
         self._before_validation: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.per_rank_seed and trainer.world_size > 1:
+        if self._to_restore is not None:
+            restore_rng_states(self._to_restore)
+        elif self.per_rank_seed and trainer.world_size > 1:
             seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
             rank_seed = (seed * trainer.world_size + trainer.global_rank) % 2**32
             torch.manual_seed(rank_seed)
@@ -123,7 +127,8 @@ class RNGStateCheckpoint(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._to_restore is not None:
-            restore_rng_states(self._to_restore)
+            if batch_idx > 0:  # resumed mid-epoch: the uninterrupted run went straight on to this step
+                restore_rng_states(self._to_restore)
             self._to_restore = None
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -216,6 +221,7 @@ class PreemptionCheckpoint(Callback):
         self.saved_path: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._steps = 0
+        self._last_step = 0
 
     # signal handling ------------------------------------------------------------------------
     def _handler(self, signum: int, frame: Any) -> None:
@@ -237,7 +243,7 @@ class PreemptionCheckpoint(Callback):
         self._previous = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.received, self.saved_path, self._steps = None, None, 0
+        self.received, self.saved_path, self._steps, self._last_step = None, None, 0, trainer.global_step
         self._install()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -263,8 +269,10 @@ class PreemptionCheckpoint(Callback):
         return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        at_step_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if not at_step_boundary or not self._should_stop(trainer):
+        if trainer.global_step == self._last_step:  # mid gradient accumulation: wait for the optimizer step
+            return
+        self._last_step = trainer.global_step
+        if not self._should_stop(trainer):
             return
         path = self.checkpoint_path(trainer)
         name = self.received.name if self.received is not None else "a signal on another rank"
