@@ -57,6 +57,7 @@ class ImageTextDataModule(L.LightningDataModule):
         log_skips_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # the subclass's constructor arguments too: stored in checkpoints
         self.batch_size = _positive_int(batch_size, "batch_size", self.name)
         self.val_batch_size = _positive_int(val_batch_size or batch_size, "val_batch_size", self.name)
         self.num_workers = _positive_int(num_workers, "num_workers", self.name, minimum=0)
@@ -75,7 +76,8 @@ class ImageTextDataModule(L.LightningDataModule):
     def check_source(self) -> None:
         """Raise an actionable error when the data is missing (called by `setup`)."""
 
-    def make_dataset(self, split: str, augment: bool = False) -> Dataset:
+    def make_dataset(self, split: str, augment: bool = False) -> Dataset | None:
+        """The split's dataset; None for a split the user configured to be empty (e.g. a 0 fraction)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -89,7 +91,7 @@ class ImageTextDataModule(L.LightningDataModule):
         if stage == "fit":
             self._attach_skip_logger()
 
-    def dataset(self, split: str) -> Dataset:
+    def dataset(self, split: str) -> Dataset | None:
         """The dataset of `split` ("train", "val" or "test"), built on first use."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -101,14 +103,16 @@ class ImageTextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         return self.dataloader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list:
         return self.dataloader("test")
 
-    def dataloader(self, split: str) -> DataLoader:
+    def dataloader(self, split: str) -> DataLoader | list:
         dataset = self.dataset(split)
+        if dataset is None:
+            return []  # an intentionally empty split: Lightning skips the loop
         train = split == "train"
         options: dict[str, Any] = {}
         if isinstance(dataset, IterableDataset):

@@ -8,7 +8,8 @@ Splits are decided by a hash of each file's path relative to `root`, so they are
 depend on the training seed, and a file keeps its split when other files are added or removed.
 
 Unreadable or undecodable files are skipped and counted (`ldmkit.data.skips`); the dataset then
-serves the next file instead, so the sampler's length stays valid.
+serves the next file instead, so the sampler's length stays valid. A broken file is counted each
+time its index is requested, i.e. once per epoch.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ class ImageFolderDataset(Dataset):
             try:
                 image = load_image_tensor(str(item.path), self.resolution, self.min_size, self.max_aspect_ratio)
             except SkipSample as skip:
-                self.skips.add(skip.reason, item.relpath, skip.detail)
+                if attempt == 0:  # a broken neighbour is counted when it is itself requested
+                    self.skips.add(skip.reason, item.relpath, skip.detail)
                 continue
             if self.hflip and torch.rand(()) < 0.5:
                 image = image.flip(-1)
@@ -230,8 +232,10 @@ class ImageFolderDataModule(ImageTextDataModule):
     def check_source(self) -> None:
         self.split_items()
 
-    def make_dataset(self, split: str, augment: bool = False) -> ImageFolderDataset:
+    def make_dataset(self, split: str, augment: bool = False) -> ImageFolderDataset | None:
         items = self.split_items()[split]
+        if not items and split != "train" and getattr(self, f"{split}_fraction") == 0:
+            return None  # asked for no val/test data: Lightning then skips that loop
         if not items:
             raise ValueError(
                 f"imagefolder: the {split} split of {self.root} is empty ({len(self.split_items()['train'])} train "

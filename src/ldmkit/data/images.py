@@ -58,9 +58,11 @@ def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
+    if (width, height) != (side, side):
+        image = image.crop(box)  # crop first: resize(box=...) would blend in pixels outside the box
     if side == resolution:
-        return image if (width, height) == (side, side) else image.crop(box)
-    return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+        return image
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def open_image(source: bytes | str | BinaryIO) -> Image.Image:

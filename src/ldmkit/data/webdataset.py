@@ -122,6 +122,30 @@ def decode_shard_sample(
     return {"image": image, "caption": caption, "attributes": attributes}
 
 
+class _ShardErrors:
+    """Counts a shard read that failed (open error, truncated or garbage tar) once, however many
+    exceptions webdataset's nested readers report for it, under the shard's url."""
+
+    def __init__(self, skips: SkipCounter) -> None:
+        self.skips, self.url, self.error = skips, "?", None
+
+    def track(self, shards: Iterator[dict]) -> Iterator[dict]:
+        for shard in shards:
+            self.flush()  # the previous shard is finished when the next one is asked for
+            self.url = shard["url"]
+            yield shard
+        self.flush()
+
+    def handler(self, error: BaseException) -> bool:
+        self.error = self.error or error
+        return True  # handled: go on with the next member / shard
+
+    def flush(self) -> None:
+        if self.error is not None:
+            self.skips.add("shard_error", self.url, self.error)
+            self.error = None
+
+
 class WebDatasetSamples(IterableDataset):
     """Decoded samples from webdataset shards for one split (see the module docstring)."""
 
@@ -164,11 +188,6 @@ class WebDatasetSamples(IterableDataset):
         rank, world, _, _ = wds.utils.pytorch_worker_info()
         return rank, world
 
-    def _count_shard_error(self, error: BaseException) -> bool:
-        url = next((a for a in reversed(error.args) if isinstance(a, str) and a in self.urls), "?")
-        self.skips.add("shard_error", url, error)
-        return True  # handled: go on with the next shard
-
     def _assignment(self, rank: int, world: int, worker: int, workers: int, epoch: int) -> tuple[list[str], int, int]:
         """Shards this reader opens, plus (stride, offset) of the samples it keeps from them."""
         shards = list(self.urls)
@@ -185,28 +204,32 @@ class WebDatasetSamples(IterableDataset):
             stride, offset = stride * workers, offset + stride * worker
         return shards, stride, offset
 
-    def _raw_samples(self, rank: int, world: int, worker: int, workers: int, epoch: int) -> Iterator[dict]:
-        expand = wds.tarfile_to_samples(handler=self._count_shard_error)
+    def _raw_samples(self, rank: int, world: int, worker: int, workers: int, epoch: int, errors: _ShardErrors):
+        expand = wds.tarfile_to_samples(handler=errors.handler)
         if self.resampled:
             reader_seed = mix_seed(self.seed, rank, worker, epoch)
             shards = wds.ResampledShards(self.urls, seed=0, worker_seed=lambda: reader_seed, deterministic=True)
-            return expand(iter(shards))
+            return expand(errors.track(iter(shards)))
         shards, stride, offset = self._assignment(rank, world, worker, workers, epoch)
-        return islice(expand({"url": url} for url in shards), offset, None, stride)
+        return islice(expand(errors.track({"url": url} for url in shards)), offset, None, stride)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = self.rank_world()
         worker, workers = _worker()
         epoch = self.epoch
         self.epoch += 1  # persistent workers / the main process see a new stream every epoch
-        samples = self._raw_samples(rank, world, worker, workers, epoch)
+        errors = _ShardErrors(self.skips)
+        samples = self._raw_samples(rank, world, worker, workers, epoch, errors)
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed(self.seed, rank, worker, epoch, 1))
             samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
         decoded = self._decode(samples)
         if self.resampled and self.samples_per_epoch:
             decoded = islice(decoded, math.ceil(self.samples_per_epoch / (world * workers)))
-        yield from decoded
+        try:
+            yield from decoded
+        finally:
+            errors.flush()
 
     def _decode(self, samples: Iterator[dict]) -> Iterator[dict[str, Any]]:
         for raw in samples:
