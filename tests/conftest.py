@@ -47,3 +47,15 @@ def compose_cfg(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """{"autoencoder", "clip", "ldm"} artifact folders of tiny random models (see tests/artifacts.py)."""
+    from tests.artifacts import write_autoencoder, write_clip, write_ldm
+
+    root = tmp_path_factory.mktemp("artifacts")
+    ae = write_autoencoder(root / "autoencoder")
+    clip = write_clip(root / "clip")
+    ldm = write_ldm(root / "ldm", ae, clip)
+    return {"autoencoder": ae, "clip": clip, "ldm": ldm}

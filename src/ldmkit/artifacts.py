@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -99,7 +99,7 @@ def load_artifact(folder: str | os.PathLike, kind: str | None = None, device: st
         raise ArtifactError(f"'{folder}' has {CONFIG_FILE} but no {WEIGHTS_FILE}; the export was interrupted, re-export it.{_producer_hint(config.get('kind', ''))}")
     try:
         tensors = load_file(str(weights), device=str(device))
-    except (SafetensorsError, OSError, RuntimeError) as err:
+    except (SafetensorError, OSError, RuntimeError) as err:
         raise ArtifactError(f"'{weights}' cannot be read ({err}); the file is truncated or corrupt, re-export it.{_producer_hint(config.get('kind', ''))}") from err
     return tensors, config
 

@@ -38,6 +38,7 @@ class TextToImage:
     shift_factor: float
     latent_channels: int
     downsampling_factor: int
+    resolution: int = 32  # the image size it was trained at (the default for generate)
     model_hash: str = ""
     name: str = "ldm"
 
@@ -76,8 +77,8 @@ class TextToImage:
         steps: int = 20,
         guidance_scale: float = 4.0,
         guidance_rescale: float = 0.0,
-        height: int = 32,
-        width: int = 32,
+        height: int | None = None,
+        width: int | None = None,
         callback: Callable | None = None,
         generator: torch.Generator | None = None,
         **sampler_options: Any,
@@ -85,6 +86,7 @@ class TextToImage:
         """Images in [-1, 1], (B, 3, height, width); sample i starts from noise seeded by seeds[i]."""
         if len(prompts) != len(seeds):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
+        height, width = height or self.resolution, width or self.resolution
         f = self.downsampling_factor
         if height % f or width % f:
             raise ValueError(f"height={height}, width={width} must be multiples of the autoencoder's downsampling factor {f}.")
@@ -141,5 +143,5 @@ def load_text_to_image(folder: str | os.PathLike, device: str | torch.device = "
         unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
         prediction=config["prediction"], scale_factor=scale, shift_factor=shift,
         latent_channels=latent["channels"], downsampling_factor=latent["downsampling_factor"],
-        model_hash=weights_hash(folder), name=Path(folder).resolve().parent.name,
+        resolution=int(config.get("resolution", 8 * latent["downsampling_factor"])), model_hash=weights_hash(folder), name=Path(folder).resolve().parent.name,
     )

@@ -7,13 +7,13 @@ autoencoder and CLIP text encoder come from the artifact folders of stages 1 and
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import MeanMetric
 
 from ldmkit.artifacts import PRODUCERS, ArtifactError, read_artifact_config, save_artifact
@@ -23,7 +23,7 @@ from ldmkit.diffusion.parameterization import to_x0
 from ldmkit.diffusion.schedules import Schedule, q_sample
 from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
-from ldmkit.lit.optim import warmup_cosine_schedule
+from ldmkit.lit.optim import WarmupCosine, warmup_cosine_schedule
 from ldmkit.txt2img import TextToImage, ldm_artifact_config
 
 FROZEN_PREFIXES = ("autoencoder.", "text_encoder.")
@@ -58,6 +58,7 @@ class LatentDiffusionModule(LightningModule):
         val_prompts: Sequence[str] = ("a red circle", "a blue square", "a green triangle", "a yellow star"),
         val_seed: int = 0,
         val_timestep_buckets: int = 10,
+        resolution: int | None = None,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
@@ -87,12 +88,12 @@ class LatentDiffusionModule(LightningModule):
                 f"`{PRODUCERS['clip']}` (its run folder's `artifact/`) or at a local open_clip checkpoint file "
                 "(then also set model.text_encoder_arch, e.g. ViT-B-32)."
             )
-        self.autoencoder, self.scale_factor, self.shift_factor, ae_config = load_autoencoder(autoencoder)
+        self.autoencoder, self.scale_factor, self.shift_factor, _ = load_autoencoder(autoencoder)
         self.text_encoder = load_text_encoder(text_encoder, clip_skip=clip_skip, model_name=text_encoder_arch)
         self.autoencoder.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(False).eval()
-        self.latent_channels = int(ae_config["latent_channels"])
-        self.downsampling_factor = int(ae_config["downsampling_factor"])
+        self.latent_channels = int(self.autoencoder.config.latent_channels)
+        self.downsampling_factor = int(self.autoencoder.config.downsampling_factor)
 
         unet_kwargs = dict(getattr(unet, "keywords", {}))
         fix = "Remove the override (it is filled in from the artifacts) or train matching stages."
@@ -166,8 +167,11 @@ class LatentDiffusionModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(params=self.unet.parameters())
-        max_steps = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
-        schedule = warmup_cosine_schedule(optimizer, self.hparams.lr_warmup_steps, max_steps if self.hparams.lr_decay else 0)
+        warmup = self.hparams.lr_warmup_steps
+        if self.hparams.lr_decay:
+            schedule = warmup_cosine_schedule(optimizer, int(self.trainer.estimated_stepping_batches), warmup)
+        else:  # linear warm-up, then constant (the usual choice for diffusion with EMA)
+            schedule = LambdaLR(optimizer, WarmupCosine(warmup, total_steps=0, min_lr_ratio=1.0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- validation ---------------------------------------------------------------------
@@ -212,21 +216,22 @@ class LatentDiffusionModule(LightningModule):
             unet=self.ema.shadow if use_ema else self.unet, autoencoder=self.autoencoder, text_encoder=self.text_encoder,
             schedule=self.schedule, prediction=self.loss_fn.prediction, scale_factor=self.scale_factor,
             shift_factor=self.shift_factor, latent_channels=self.latent_channels, downsampling_factor=self.downsampling_factor,
+            resolution=self._resolution(),
         )
 
     def sample_validation_grid(self) -> torch.Tensor:
         prompts = list(self.hparams.val_prompts)
         seeds = [self.hparams.val_seed + i for i in range(len(prompts))]
-        resolution = self._resolution()
         s = self.sampler
         return self.text_to_image().generate(
             prompts, seeds, sampler=s["name"], steps=int(s["steps"]), guidance_scale=float(s["guidance_scale"]),
-            guidance_rescale=float(s.get("guidance_rescale", 0.0)), height=resolution, width=resolution,
+            guidance_rescale=float(s.get("guidance_rescale", 0.0)),
         )
 
     def _resolution(self) -> int:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return int(getattr(datamodule, "resolution", 8 * self.downsampling_factor))
+        if self.hparams.resolution:
+            return int(self.hparams.resolution)
+        return int(self.autoencoder.config.resolution or 8 * self.downsampling_factor)
 
     # ---- checkpoints and export --------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
