@@ -5,11 +5,15 @@ What is counted (per reason, see `SKIP_REASONS`):
 - ``decode_error``: image bytes / file that PIL cannot decode (garbage, truncated, unsupported).
 - ``missing_image``: a shard sample with no ``jpg``/``jpeg``/``png``/``webp`` member.
 - ``shard_error``: a shard that could not be opened or read to the end (missing file, truncated or
-  garbage tar). Counted once per failure; the samples after the failure point are lost and
-  are *not* counted individually (their number is unknown).
+  garbage tar), counted once per read of that shard. The samples after the failure point are
+  lost and are *not* counted individually (their number is unknown). A tar cut exactly between
+  two members cannot be told from a complete one; its last sample may then lack its .txt/.json.
 - ``too_small`` / ``bad_aspect``: samples removed by the optional ``min_size`` /
   ``max_aspect_ratio`` filters (not errors, but reported so a filter that eats everything is visible).
 - ``unreadable_file``: an image-folder file that cannot be opened at all (permissions, vanished).
+
+Counts are events: a map-style dataset (imagefolder) counts a broken file each time its index is
+requested, i.e. once per epoch; a resampled stream counts a broken shard each time it is drawn.
 
 Counts live in a small shared-memory tensor with one row per DataLoader worker (row 0: the main
 process), so the training process can read the totals of all its workers without any
