@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.loggers import Logger
@@ -58,3 +59,55 @@ def test_wandb_is_offline_by_default(compose_cfg):
 def test_debug_options_compose(compose_cfg, name):
     cfg = compose_cfg([f"debug={name}"])
     assert cfg.data.num_workers == 0
+
+
+@pytest.mark.parametrize("name", options("schedule"))
+def test_schedule_options_instantiate(compose_cfg, name):
+    from ldmkit.diffusion.schedules import Schedule
+
+    cfg = compose_cfg([f"schedule={name}", "schedule.zero_terminal_snr=true"])
+    schedule = instantiate(cfg.schedule)
+    assert isinstance(schedule, Schedule)
+    assert float(schedule.alphas_cumprod[-1]) < 1e-6  # rescaled to (numerically) zero terminal SNR
+
+
+@pytest.mark.parametrize("name", options("sampler"))
+def test_sampler_options_name_registered_samplers(compose_cfg, name):
+    from ldmkit.diffusion import SAMPLERS
+
+    cfg = compose_cfg([f"sampler={name}"])
+    assert cfg.sampler.name in SAMPLERS
+    assert cfg.sampler.steps >= 1
+
+
+@pytest.mark.parametrize("name", [n for n in options("model") if not n.startswith("ldm")])
+def test_stage_model_options_instantiate(compose_cfg, name):
+    from lightning.pytorch import LightningModule
+
+    cfg = compose_cfg([f"model={name}"])
+    assert isinstance(instantiate(cfg.model), LightningModule)
+
+
+@pytest.mark.parametrize("name", [n for n in options("model") if n.startswith("ldm")])
+def test_ldm_model_options_instantiate(compose_cfg, tiny_artifacts, name):
+    """The full module for the tiny preset; for the big presets the UNet factory on the meta device
+    (an SD-sized UNet is 3.4 GB of fp32 weights), wired with the artifacts' widths."""
+    from ldmkit.lit.ldm import LatentDiffusionModule
+
+    overrides = [f"model={name}", f"model.autoencoder={tiny_artifacts['autoencoder']}", f"model.text_encoder={tiny_artifacts['clip']}"]
+    cfg = compose_cfg(overrides)
+    if name == "ldm":
+        module = instantiate(cfg.model)
+        assert isinstance(module, LatentDiffusionModule)
+        assert module.unet.config.context_dim == module.text_encoder.context_dim
+        return
+    factory = instantiate(cfg.model.unet)
+    with torch.device("meta"):
+        unet = factory(context_dim=32, pooled_dim=32, in_channels=4, out_channels=4)
+    assert sum(p.numel() for p in unet.parameters()) > 10_000_000
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_options_compose(compose_cfg, name):
+    cfg = compose_cfg([f"experiment={name}"])
+    assert cfg.trainer.max_steps > 0
