@@ -41,8 +41,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
         b, n, c = x.shape
+        # unbind on dim 2: in backward the three grads are stacked straight into the (B, N, 3C) layout
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, C/heads)
+        q, k, v = (y.transpose(1, 2) for y in qkv.unbind(2))  # each (B, heads, N, C/heads)
         return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
@@ -67,7 +68,7 @@ class CrossAttention(nn.Module):
         c = x.shape[-1]
         q = _split_heads(self.q(x), self.num_heads)  # (B, heads, N, C/heads)
         kv = self.kv(context).view(b, length, 2, self.num_heads, c // self.num_heads)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, C/heads)
+        k, v = (y.transpose(1, 2) for y in kv.unbind(2))  # each (B, heads, L, C/heads)
         return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 

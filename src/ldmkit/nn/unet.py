@@ -297,10 +297,12 @@ class UNet(nn.Module):
                 f"{'missing' if pooled is None else tuple(pooled.shape)}: pass pooled (B, pooled_dim) exactly when "
                 "pooled_dim is set"
             )
-        if context_mask is not None and (context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]):
+        if context_mask is not None and (
+            context is None or context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]
+        ):
             raise ValueError(
-                f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])} (True = attend), "
-                f"got {context_mask.dtype} {tuple(context_mask.shape)}"
+                "context_mask must be a bool tensor of shape (B, L) of the context (True = attend), got "
+                f"{context_mask.dtype} {tuple(context_mask.shape)} for context {None if context is None else tuple(context.shape)}"
             )
 
     def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
