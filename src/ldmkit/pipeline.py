@@ -143,3 +143,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(_scalar_metrics(trainer.callback_metrics))
     finish_job()  # close the W&B run and the process group: the next job of a multirun starts clean
     return metrics, objects
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """`eval.py`: sampled sets scored side by side (task=sampled_sets: FID, KID, CLIP score, prompt accuracy,
+    NFE, s/image, memory; report.md/html in the run folder) or txt2img PNGs (task=txt2img); (metrics, objects)."""
+    from ldmkit.eval.runner import run_evaluation
+
+    return run_evaluation(cfg)

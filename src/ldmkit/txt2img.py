@@ -25,6 +25,22 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.devic
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device, dtype)
 
 
+def fresh_noise_seed(seed: int) -> int:
+    """Seed of sample `seed`'s generator for the fresh noise of ancestral/SDE samplers. Mixed
+    (SplitMix64 finaliser) so that stream is not the initial-noise stream of `seed` (or of a
+    neighbouring seed): torch's CPU generator seeded with s would replay seeded_noise([s])."""
+    x = (int(seed) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def per_sample_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample for the samplers' fresh noise, so stochastic samplers (euler_a,
+    ddpm, dpmpp_2m_sde, ddim with eta > 0) also draw a sample's image independently of its batch."""
+    return [torch.Generator(device).manual_seed(fresh_noise_seed(s)) for s in seeds]
+
+
 @dataclass
 class TextToImage:
     """The three frozen pieces plus the facts that tie them together."""
@@ -83,7 +99,10 @@ class TextToImage:
         generator: torch.Generator | None = None,
         **sampler_options: Any,
     ) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, height, width); sample i starts from noise seeded by seeds[i]."""
+        """Images in [-1, 1], (B, 3, height, width). Sample i depends only on prompts[i], seeds[i] and the
+        settings, not on the batch: its initial noise is seeded by seeds[i] and, unless `generator` is
+        given, so is the stochastic samplers' fresh noise (`per_sample_generators`).
+        `callback(i, n, x, x0)` runs after each sampler step (e.g. a progress bar)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt.")
         height, width = height or self.resolution, width or self.resolution
@@ -96,8 +115,8 @@ class TextToImage:
         uncond = self.encode_text(negative_prompts)
         denoiser = classifier_free_guidance(self.denoiser(context, pooled), (context, pooled), uncond, guidance_scale, rescale=guidance_rescale)
         noise = seeded_noise(seeds, (self.latent_channels, height // f, width // f), device)
-        if generator is None:  # ancestral/SDE samplers draw fresh noise: derive it from the first seed
-            generator = torch.Generator(device).manual_seed(int(seeds[0]))
+        if generator is None:  # ancestral/SDE samplers draw fresh noise: per sample, from its seed
+            generator = per_sample_generators(seeds, device)
         latents = sample(denoiser, noise, self.schedule, sampler=sampler, steps=steps, prediction=self.prediction,
                          generator=generator, callback=callback, **sampler_options)
         return self.decode_latents(latents)

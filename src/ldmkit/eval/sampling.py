@@ -1,0 +1,356 @@
+"""Sampled sets: the same prompts and seeds drawn with every (sampler, steps, guidance) setting,
+scored while they are drawn, sharded over processes.
+
+Pairing: sample i of every setting has prompt i and seed `base_seed + i`, so every sampler starts
+from the same initial noise for it (`TextToImage.generate` seeds noise per sample; stochastic
+samplers' fresh noise is per sample too), and a sample does not depend on the batch it is drawn in.
+
+Sharding: the sample list is cut into fixed global batches of `batch_size` first; batch j goes to
+rank j % world_size. Each process keeps per-batch results (Inception features, CLIP score sums) keyed
+by the global batch index, and rank 0 folds them in batch order, so N processes give bit for bit
+the metrics of one process (floating-point sums are not reordered).
+
+Streaming: images are scored per batch (Inception features, CLIP score, prompt attributes) and then
+dropped; only features (for FID/KID), a few grid images and counters are kept.
+
+NFE: the number of denoiser evaluations per image, counted on the UNet itself (forward calls per
+batch). With classifier-free guidance (guidance != 1) each evaluation is one forward of the batched
+cond+uncond input (2B rows) and counts once; guidance == 1 runs the conditional half only.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ldmkit.eval.clip_score import CLIPScore, PromptAccuracy
+from ldmkit.eval.fid import FeatureStats, to_uint8_images
+from ldmkit.eval.pngmeta import GenerationParameters, save_png_with_parameters
+
+Gather = Callable[[Any], list[Any]]  # all_gather_object: this rank's object -> every rank's, in rank order
+
+
+@dataclass(frozen=True)
+class Setting:
+    sampler: str
+    steps: int
+    guidance: float
+
+    @property
+    def key(self) -> tuple[str, int, float]:
+        """The report's grid key."""
+        return (self.sampler, self.steps, self.guidance)
+
+    @property
+    def slug(self) -> str:
+        return f"{self.sampler}_{self.steps}steps_cfg{self.guidance:g}"
+
+
+def settings_grid(samplers: Sequence[str], steps: Sequence[int], guidance: Sequence[float]) -> list[Setting]:
+    return [Setting(s, int(n), float(g)) for s in samplers for n in steps for g in guidance]
+
+
+@dataclass
+class PromptSet:
+    """Sample i: prompts[i] from seeds[i]; targets[i] are the attributes the prompt asks for
+    (`{"objects": [...]}`, for the prompt-accuracy judge) or None."""
+
+    prompts: list[str]
+    seeds: list[int]
+    targets: list[dict | None]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not len(self.prompts) == len(self.seeds) == len(self.targets):
+            raise ValueError(f"{len(self.prompts)} prompts, {len(self.seeds)} seeds, {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def make_prompt_set(prompts: Sequence[str], num_samples: int, base_seed: int,
+                    targets: Sequence[dict | None] | None = None, source: str = "") -> PromptSet:
+    """`num_samples` samples cycling through `prompts`; sample i is seeded `base_seed + i`."""
+    indices = [i % len(prompts) for i in range(num_samples)]
+    targets = list(targets) if targets is not None else [None] * len(prompts)
+    return PromptSet([prompts[i] for i in indices], [base_seed + i for i in range(num_samples)],
+                     [targets[i] for i in indices], source)
+
+
+def plan_batches(num_samples: int, batch_size: int) -> list[range]:
+    """Global batches of sample indices, formed before any sharding."""
+    return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+
+
+def rank_batches(batches: Sequence[range], rank: int, world_size: int) -> list[tuple[int, range]]:
+    """(global batch index, samples) of the batches this rank draws: batch j goes to rank j % world_size."""
+    return [(j, batch) for j, batch in enumerate(batches) if j % world_size == rank]
+
+
+def single_object(target: dict | None) -> bool:
+    """The judge reads one object per image, so only single-object prompts are judged."""
+    return bool(target) and len(target.get("objects", [])) == 1
+
+
+@dataclass
+class Scorers:
+    """What scores each batch; any may be None (that metric is n/a)."""
+
+    extractor: Callable[[Tensor], Tensor] | None = None  # uint8 images -> (B, D) Inception features
+    clip: CLIPScore | None = None
+    judge: Callable[[Tensor], list[dict]] | None = None  # images -> predicted attributes
+    judge_attributes: tuple[str, ...] = ("colour", "shape")
+
+
+@dataclass
+class ShardResult:
+    """What one process measured for one setting (small and picklable, for all_gather_object)."""
+
+    features: dict[int, np.ndarray] = field(default_factory=dict)  # batch j -> (B, D) float32
+    clip_sums: dict[int, float] = field(default_factory=dict)  # batch j -> sum of its CLIP scores
+    correct: Counter = field(default_factory=Counter)
+    total: Counter = field(default_factory=Counter)
+    judged: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    peak_mem_mb: float | None = None
+    nfe: int | None = None
+    grid: dict[int, Tensor] = field(default_factory=dict)  # sample index -> uint8 (3, H, W)
+
+
+class ForwardCounter:
+    """Counts a module's forward calls (the UNet's: one per denoiser evaluation, CFG batched)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def memory_kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu_rss"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by torch since `reset_peak_memory` (this setting). CPU: the process's
+    RSS high-water mark (ru_maxrss), which only grows: it covers everything the process did so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generation_parameters(t2i: Any, setting: Setting, prompt: str, negative_prompt: str, seed: int,
+                          width: int, height: int, guidance_rescale: float = 0.0,
+                          sampler_options: Mapping[str, Any] | None = None) -> GenerationParameters:
+    extra = {"Guidance rescale": f"{guidance_rescale:g}"} if guidance_rescale else {}
+    extra.update({f"Sampler {k}": str(v) for k, v in (sampler_options or {}).items() if v is not None})
+    return GenerationParameters(
+        prompt=prompt, negative_prompt=negative_prompt, steps=setting.steps, sampler=setting.sampler,
+        cfg_scale=setting.guidance, seed=int(seed), size=(width, height), model_hash=t2i.model_hash or None,
+        model=t2i.name or None, extra=extra,
+    )
+
+
+def sample_shard(
+    t2i: Any,
+    prompt_set: PromptSet,
+    setting: Setting,
+    batches: Sequence[tuple[int, range]],
+    scorers: Scorers,
+    *,
+    height: int,
+    width: int,
+    negative_prompt: str = "",
+    guidance_rescale: float = 0.0,
+    sampler_options: Mapping[str, Any] | None = None,
+    grid_size: int = 0,
+    image_dir: str | Path | None = None,
+) -> ShardResult:
+    """Draw and score this rank's `batches` with one setting."""
+    device = t2i.device
+    result = ShardResult()
+    reset_peak_memory(device)
+    options = dict(sampler_options or {})
+    for number, (j, batch) in enumerate(batches):
+        prompts = [prompt_set.prompts[i] for i in batch]
+        seeds = [prompt_set.seeds[i] for i in batch]
+        counter = ForwardCounter(t2i.unet) if number == 0 else None
+        _sync(device)
+        start = time.perf_counter()
+        images = t2i.generate(
+            prompts, seeds, negative_prompts=[negative_prompt] * len(prompts) if negative_prompt else None,
+            sampler=setting.sampler, steps=setting.steps, guidance_scale=setting.guidance,
+            guidance_rescale=guidance_rescale, height=height, width=width, **options,
+        )  # (B, 3, H, W) in [-1, 1]
+        _sync(device)
+        result.seconds += time.perf_counter() - start
+        if counter is not None:
+            result.nfe = counter.calls
+            counter.close()
+        result.images += len(prompts)
+        _score_batch(result, j, batch, images, prompt_set, scorers)
+        for k, i in enumerate(batch):
+            if i < grid_size:
+                result.grid[i] = to_uint8_images(images[k : k + 1]).cpu()[0]
+            if image_dir is not None:
+                params = generation_parameters(t2i, setting, prompt_set.prompts[i], negative_prompt,
+                                               prompt_set.seeds[i], width, height, guidance_rescale, options)
+                save_png_with_parameters(images[k], Path(image_dir) / setting.slug / f"{i:05d}.png", params)
+    result.peak_mem_mb = peak_memory_mb(device)
+    return result
+
+
+@torch.no_grad()
+def _score_batch(result: ShardResult, j: int, batch: range, images: Tensor, prompt_set: PromptSet,
+                 scorers: Scorers) -> None:
+    if scorers.extractor is not None:
+        result.features[j] = scorers.extractor(to_uint8_images(images)).float().cpu().numpy()  # (B, D)
+    if scorers.clip is not None:
+        scores = scorers.clip.update(images, [prompt_set.prompts[i] for i in batch])  # (B,)
+        result.clip_sums[j] = float(scores.double().sum())
+    if scorers.judge is not None:
+        judged = [k for k, i in enumerate(batch) if single_object(prompt_set.targets[i])]
+        if judged:
+            accuracy = PromptAccuracy(scorers.judge, scorers.judge_attributes)
+            accuracy.update(images[judged], [prompt_set.targets[batch[k]] for k in judged])
+            result.correct.update(accuracy.correct)
+            result.total.update(accuracy.total)
+            result.judged += len(judged)
+
+
+def merge_shards(
+    shards: Sequence[ShardResult],
+    setting: Setting,
+    *,
+    reference: FeatureStats | None = None,
+    kid: bool = True,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    clip_model: str | None = None,
+    judge_attributes: Sequence[str] = ("colour", "shape"),
+) -> tuple[dict[str, Any], Tensor | None]:
+    """One report row (see `ldmkit.eval.report`) and the setting's grid from every rank's shard."""
+    features = {j: f for shard in shards for j, f in shard.features.items()}
+    clip_sums = {j: s for shard in shards for j, s in shard.clip_sums.items()}
+    images = sum(shard.images for shard in shards)
+    row: dict[str, Any] = {
+        "sampler": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
+        "nfe": next((shard.nfe for shard in shards if shard.nfe is not None), None),
+        "fid": None, "kid_mean": None, "kid_std": None, "clip_score": None, "prompt_accuracy": None,
+        "sec_per_image": sum(shard.seconds for shard in shards) / images if images else None,
+        "peak_mem_mb": max((s.peak_mem_mb for s in shards if s.peak_mem_mb is not None), default=None),
+        "clip_model": clip_model, "num_images": images, "judged_prompts": sum(s.judged for s in shards),
+    }
+    if reference is not None and features:
+        stats = FeatureStats(keep_features=kid)
+        for j in sorted(features):  # global batch order: the same float sums as one process
+            stats.update_features(features[j])
+        row["fid"] = stats.compute_fid(reference)
+        if kid:
+            size = min(kid_subset_size, stats.num_samples, reference.num_samples)
+            row["kid_mean"], row["kid_std"] = stats.compute_kid(reference, kid_subsets, size)
+    if clip_sums:
+        total = 0.0
+        for j in sorted(clip_sums):  # as CLIPScore.compute, batch by batch in global order
+            total += clip_sums[j]
+        row["clip_score"] = total / images
+    if any(shard.judged for shard in shards):
+        accuracy = PromptAccuracy(attributes=judge_attributes)
+        for shard in shards:
+            accuracy.correct.update(shard.correct)
+            accuracy.total.update(shard.total)
+        row["prompt_accuracy"] = accuracy.compute()
+    grid_images = {i: im for shard in shards for i, im in shard.grid.items()}
+    grid = torch.cat([grid_images[i] for i in sorted(grid_images)], dim=2) if grid_images else None  # (3, H, K·W)
+    return row, grid
+
+
+def evaluate_settings(
+    t2i: Any,
+    prompt_set: PromptSet,
+    settings: Sequence[Setting],
+    scorers: Scorers,
+    *,
+    batch_size: int,
+    height: int,
+    width: int,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather | None = None,
+    reference: FeatureStats | None = None,
+    kid: bool = True,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    negative_prompt: str = "",
+    guidance_rescale: float = 0.0,
+    sampler_options: Mapping[str, Any] | None = None,
+    grid_size: int = 8,
+    image_dir: str | Path | None = None,
+    on_setting: Callable[[Setting, dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[tuple, Tensor]]:
+    """Rows and grids of every setting (complete on rank 0; empty on the other ranks).
+
+    `gather` is all_gather_object over the process group (None: a single process). `reference`
+    holds the real images' features (None: FID/KID n/a) and is only needed on rank 0.
+    """
+    gather = gather or (lambda obj: [obj])
+    batches = rank_batches(plan_batches(len(prompt_set), batch_size), rank, world_size)
+    rows, grids = [], {}
+    for setting in settings:
+        shard = sample_shard(
+            t2i, prompt_set, setting, batches, scorers, height=height, width=width,
+            negative_prompt=negative_prompt, guidance_rescale=guidance_rescale, sampler_options=sampler_options,
+            grid_size=grid_size, image_dir=image_dir,
+        )
+        shards = gather(shard)
+        if rank != 0:
+            continue
+        row, grid = merge_shards(
+            shards, setting, reference=reference, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+            clip_model=scorers.clip.model_name if scorers.clip is not None else None,
+            judge_attributes=scorers.judge_attributes,
+        )
+        rows.append(row)
+        if grid is not None:
+            grids[setting.key] = grid
+        if on_setting is not None:
+            on_setting(setting, row)
+    return rows, grids
+
+
+def format_row(row: Mapping[str, Any]) -> str:
+    """One log line per finished setting."""
+    def num(key: str, spec: str) -> str:
+        value = row.get(key)
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    accuracy = row.get("prompt_accuracy")
+    both = "n/a" if not accuracy else f"{100 * accuracy['both']:.1f}%"
+    return (f"{row['sampler']} steps={row['steps']} guidance={row['guidance']:g}: NFE {num('nfe', 'd')}, "
+            f"FID {num('fid', '.2f')}, KID {num('kid_mean', '.4f')}, CLIP {num('clip_score', '.2f')}, "
+            f"accuracy {both}, {num('sec_per_image', '.3g')} s/image")
