@@ -116,9 +116,20 @@ PREDICTIONS = ("eps", "v", "x0")
 TOL, COSINE_TOL = 1e-5, 3e-3
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def matrix(names: str, *axes):
+    """Cartesian product of `axes` as pytest params; a Latin-square third of it (every value of every axis
+    still appears) runs by default, the rest is marked slow."""
+    import itertools
+
+    params = []
+    for idx in itertools.product(*(range(len(a)) for a in axes)):
+        values = tuple(a[i] for a, i in zip(axes, idx))
+        marks = () if sum(idx) % 3 == 0 else (pytest.mark.slow,)
+        params.append(pytest.param(*values, marks=marks))
+    return pytest.mark.parametrize(names, params)
+
+
+@matrix("beta,prediction,spacing", list(BETA_SCHEDULES), PREDICTIONS, ["leading", "trailing"])
 def test_ddim_deterministic(beta, prediction, spacing):
     # TOLERANCE: ~1e-15 (both float64 end to end)
     _compare("ddim", diffusers.DDIMScheduler, prediction, 10, spacing=spacing, beta=beta, clip_sample=False,
@@ -139,8 +150,7 @@ def test_ddim_zero_terminal_snr_exact(prediction):
              set_alpha_to_one=True)
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@matrix("beta,prediction", list(BETA_SCHEDULES), PREDICTIONS)
 def test_ddpm(beta, prediction):
     # TOLERANCE: ~1e-10: diffusers clamps the last (zero) posterior variance to 1e-20 and still adds noise
     _compare("ddpm", diffusers.DDPMScheduler, prediction, 10, spacing="trailing", beta=beta, clip_sample=False,
@@ -163,9 +173,7 @@ def test_ddpm_sigmoid_beta_schedule():
     assert rel_err(ours, theirs) < TOL
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@matrix("beta,prediction,spacing", list(BETA_SCHEDULES), PREDICTIONS, ["leading", "trailing"])
 def test_plms(beta, prediction, spacing):
     # PNDM is a linear multistep method on ε. diffusers' PNDM combines raw outputs across steps before
     # converting, which for v-models mixes v's taken at different timesteps; so diffusers gets our model's
@@ -178,8 +186,7 @@ DPM = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
            euler_at_final=False, final_sigmas_type="zero")
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@matrix("beta,prediction", list(BETA_SCHEDULES), PREDICTIONS)
 def test_dpmpp_2m(beta, prediction):
     # TOLERANCE: ~1e-6, diffusers keeps sigmas and the sample in float32
     _compare("dpmpp_2m", diffusers.DPMSolverMultistepScheduler, prediction, 10, spacing="trailing", beta=beta, **DPM)
@@ -207,8 +214,7 @@ UNIPC = dict(solver_order=2, solver_type="bh2", predict_x0=True, lower_order_fin
              final_sigmas_type="zero")
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
+@matrix("beta,prediction", list(BETA_SCHEDULES), PREDICTIONS)
 def test_unipc(beta, prediction):
     _compare("unipc", diffusers.UniPCMultistepScheduler, prediction, 10, spacing="trailing", beta=beta, **UNIPC)
 
@@ -244,9 +250,7 @@ def test_unipc_karras_and_zero_snr(karras, zsnr):
     _compare("unipc", diffusers.UniPCMultistepScheduler, "v", 12, spacing="trailing", karras=karras, zsnr=zsnr, **UNIPC)
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@matrix("beta,prediction,spacing", list(BETA_SCHEDULES), PREDICTIONS, ["leading", "trailing", "linspace"])
 def test_euler(beta, prediction, spacing):
     # TOLERANCE: ~1e-6 (float32 sigmas/sample in diffusers; linspace adds the σ-interpolation difference)
     _compare("euler", diffusers.EulerDiscreteScheduler, prediction, 10, spacing=spacing, beta=beta, sigma_space=True,
@@ -268,20 +272,19 @@ def test_euler_ancestral(prediction, spacing, zsnr):
              sigma_space=True, generator_seed=13, step_kwargs=lambda g: lambda i: {"generator": g})
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("spacing,karras", [("trailing", False), ("linspace", False), ("linspace", True)])
-def test_heun(beta, prediction, spacing, karras):
-    _compare("heun", diffusers.HeunDiscreteScheduler, prediction, 8, spacing=spacing, beta=beta, karras=karras,
-             sigma_space=True)
+@matrix("beta,prediction,spacing", list(BETA_SCHEDULES), PREDICTIONS, ["trailing", "linspace", "karras"])
+def test_heun(beta, prediction, spacing):
+    # "karras": diffusers' use_karras_sigmas on its linspace grid (σ_min, σ_max = the schedule's)
+    karras = spacing == "karras"
+    _compare("heun", diffusers.HeunDiscreteScheduler, prediction, 8, spacing="linspace" if karras else spacing,
+             beta=beta, karras=karras, sigma_space=True)
 
 
-@pytest.mark.parametrize("beta", list(BETA_SCHEDULES))
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("spacing,karras", [("trailing", False), ("linspace", False), ("linspace", True)])
-def test_lms(beta, prediction, spacing, karras):
-    _compare("lms", diffusers.LMSDiscreteScheduler, prediction, 10, spacing=spacing, beta=beta, karras=karras,
-             sigma_space=True, step_kwargs=lambda g: lambda i: {"order": 4})
+@matrix("beta,prediction,spacing", list(BETA_SCHEDULES), PREDICTIONS, ["trailing", "linspace", "karras"])
+def test_lms(beta, prediction, spacing):
+    karras = spacing == "karras"
+    _compare("lms", diffusers.LMSDiscreteScheduler, prediction, 10, spacing="linspace" if karras else spacing,
+             beta=beta, karras=karras, sigma_space=True, step_kwargs=lambda g: lambda i: {"order": 4})
 
 
 @pytest.mark.parametrize("cls,name", [(diffusers.EulerDiscreteScheduler, "euler"), (diffusers.HeunDiscreteScheduler, "heun")])

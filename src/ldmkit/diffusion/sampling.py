@@ -22,7 +22,8 @@ def make_denoiser(model: Model, prediction: str = "eps") -> Denoiser:
     def denoiser(x: Tensor, level: NoiseLevel) -> Tensor:
         t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         t = torch.full((x.shape[0],), level.t, device=x.device, dtype=t_dtype)
-        return to_x0(model(x, t), x, level.alpha_bar, prediction)
+        # the sampler state keeps the noise's dtype, whatever precision the network answers in
+        return to_x0(model(x, t).to(x.dtype), x, level.alpha_bar, prediction)
 
     return denoiser
 
