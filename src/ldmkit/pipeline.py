@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldmkit.artifacts import ArtifactError
 from ldmkit.lit.checkpointing import restart_resume_path, trainer_plugins, wandb_resume_overrides
 from ldmkit.lit.distributed import finish_job
 
@@ -27,6 +29,20 @@ class ConfigError(ValueError):
     """A composed config cannot run; the message says what to change."""
 
 
+def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, but our own actionable errors surface as themselves rather than
+    wrapped in Hydra's "Error in call to target ..." (whose traceback buries the message)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause: BaseException | None = err
+        while isinstance(cause, InstantiationException):  # nested targets wrap once per level
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, (ArtifactError, ConfigError, ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
+
+
 def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
     """Instantiate every `_target_` entry of a config group (callbacks, loggers)."""
     objects: list[Any] = []
@@ -34,7 +50,7 @@ def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
         return objects
     for name, node in group.items():
         if isinstance(node, DictConfig) and "_target_" in node:
-            obj = instantiate(node)
+            obj = instantiate_node(node)
             if not isinstance(obj, kind):
                 raise ConfigError(f"{name}: `{node._target_}` built a {type(obj).__name__}, not a {kind.__name__}.")
             objects.append(obj)
@@ -106,8 +122,8 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate datamodule, model, callbacks, loggers and trainer from config."""
     seed_everything(cfg.seed, workers=True)
-    datamodule: LightningDataModule = instantiate(cfg.data)
-    model: LightningModule = instantiate(cfg.model)
+    datamodule: LightningDataModule = instantiate_node(cfg.data)
+    model: LightningModule = instantiate_node(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     # + AtomicCheckpointIO (a kill never corrupts last.ckpt) and, in a SLURM job, SLURMEnvironment(auto_requeue)

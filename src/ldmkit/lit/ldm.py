@@ -114,6 +114,7 @@ class LatentDiffusionModule(LightningModule):
         self.val_bucket_x0_mse = nn.ModuleList(MeanMetric() for _ in range(val_timestep_buckets))
         self._forward_net = torch.compile(self.unet) if compile else self.unet
         self._uncond: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._batch_size = 0
 
     # ---- conditioning -------------------------------------------------------------------
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,11 +159,15 @@ class LatentDiffusionModule(LightningModule):
         cond = self.conditioning(batch, self.hparams.cond_drop_prob)
         per_sample, _ = self.loss_fn(self.net, x0, self.schedule, cond=cond)
         loss = per_sample.mean()
+        self._batch_size = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        images_per_step = len(batch["caption"]) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # EMA right after the weights change, before any callback (e.g. ModelCheckpoint in
+        # on_train_batch_end) can save a checkpoint whose EMA would lag the weights by one step
+        images_per_step = self._batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         self.ema.update(self.unet, images_per_step=images_per_step, step=self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
