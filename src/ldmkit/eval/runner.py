@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import inspect
 import json
 import logging
 import math
@@ -126,11 +127,36 @@ def check_positive_int(cfg: DictConfig, key: str) -> int:
     return value
 
 
-def check_sampler_options(cfg: DictConfig) -> dict[str, Any]:
-    options = cfg.get("sampler_options") or {}
-    if not isinstance(options, (DictConfig, dict)):
-        raise EvalConfigError(f"sampler_options must be a mapping like {{eta: 0.5, spacing: karras}}, got {options!r}.")
-    return dict(OmegaConf.to_container(options, resolve=True) if isinstance(options, DictConfig) else options)
+GRID_OPTIONS = ("spacing", "sigma_min", "sigma_max", "rho", "steps_offset")  # every sampler walks the same grid
+
+
+def accepted_options(sampler: str) -> set[str]:
+    """Options `ldmkit.diffusion.sample` passes on to this sampler (its keyword-only parameters + grid options)."""
+    parameters = inspect.signature(SAMPLERS[sampler]).parameters.values()
+    return {p.name for p in parameters if p.kind is p.KEYWORD_ONLY} - {"generator", "callback"} | set(GRID_OPTIONS)
+
+
+def check_sampler_options(cfg: DictConfig, samplers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per sampler: the sampler group's spacing (and eta, for the sampler it names) plus `sampler_options`,
+    each given only to the samplers that take it."""
+    extra = cfg.get("sampler_options") or {}
+    if not isinstance(extra, (DictConfig, dict)):
+        raise EvalConfigError(f"sampler_options must be a mapping like {{eta: 0.5}}, got {extra!r}.")
+    extra = dict(OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else extra)
+    known = set().union(*(accepted_options(s) for s in samplers))
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise EvalConfigError(f"sampler_options {unknown} are taken by none of {list(samplers)}; they take "
+                              f"{sorted(known)}.")
+    group = cfg.get("sampler") or {}
+    out = {}
+    for name in samplers:
+        options = {"spacing": group.get("spacing")}
+        if group.get("name") == name:
+            options["eta"] = group.get("eta")
+        options.update(extra)
+        out[name] = {k: v for k, v in options.items() if v is not None and k in accepted_options(name)}
+    return out
 
 
 def read_prompts_file(path: Any) -> list[str]:
@@ -162,7 +188,7 @@ class EvalPlan:
     base_seed: int
     negative_prompt: str
     guidance_rescale: float
-    sampler_options: dict[str, Any]
+    sampler_options: dict[str, dict[str, Any]]  # per sampler name
     split: str
     datamodule: Any | None
     file_prompts: list[str] | None
@@ -245,15 +271,13 @@ def _dataset_length(dataset: Any) -> int | None:
 
 def plan_sampled_sets(cfg: DictConfig) -> EvalPlan:
     """Check the whole config (cheap: no weights are read, no image is drawn)."""
-    if cfg.get("sampler") is not None:
-        raise EvalConfigError(f"sampler={cfg.sampler} is for task=txt2img; for sampled sets use samplers=[{cfg.sampler}].")
     ckpt, ldm_config = check_ckpt(cfg.get("ckpt"))
-    settings = settings_grid(check_samplers(as_list(cfg.get("samplers"))), check_steps(as_list(cfg.get("steps"))),
-                             check_guidance(as_list(cfg.get("guidance"))))
+    samplers = check_samplers(as_list(cfg.get("samplers")))
+    settings = settings_grid(samplers, check_steps(as_list(cfg.get("steps"))), check_guidance(as_list(cfg.get("guidance"))))
     height, width = check_size(cfg, ldm_config)
     batch_size = check_positive_int(cfg, "batch_size")
     check_positive_int(cfg, "devices")
-    sampler_options = check_sampler_options(cfg)
+    sampler_options = check_sampler_options(cfg, samplers)
     split = str(cfg.get("split", "test"))
     if split not in ("train", "val", "test"):
         raise EvalConfigError(f"split={split!r}: use test (held-out), val or train.")
@@ -524,6 +548,8 @@ def report_notes(cfg: DictConfig, plan: EvalPlan, t2i: Any, prompt_set: PromptSe
         "NFE = denoiser evaluations per image, counted as UNet forward calls per batch. With classifier-free "
         "guidance (guidance != 1) one evaluation is one forward of the batched cond+uncond input (2B rows) and "
         "counts once; guidance = 1 runs the conditional half only.",
+        "Sampler options: " + "; ".join(f"{name} {options}" for name, options in plan.sampler_options.items())
+        + (f"; guidance rescale {plan.guidance_rescale:g}" if plan.guidance_rescale else "") + ".",
         f"s / image = sampling time (text encoding, denoising and decoding; not scoring) summed over the "
         f"{world_size} process(es), divided by the number of images, batches of {plan.batch_size}.",
         ("peak mem = torch.cuda.max_memory_allocated during the setting (max over processes)." if device.type == "cuda"

@@ -308,7 +308,7 @@ def evaluate_settings(
     kid_subset_size: int = 1000,
     negative_prompt: str = "",
     guidance_rescale: float = 0.0,
-    sampler_options: Mapping[str, Any] | None = None,
+    sampler_options: Mapping[str, Mapping[str, Any]] | None = None,
     grid_size: int = 8,
     image_dir: str | Path | None = None,
     on_setting: Callable[[Setting, dict[str, Any]], None] | None = None,
@@ -317,6 +317,7 @@ def evaluate_settings(
 
     `gather` is all_gather_object over the process group (None: a single process). `reference`
     holds the real images' features (None: FID/KID n/a) and is only needed on rank 0.
+    `sampler_options` maps a sampler name to the options it gets (eta, spacing, ...).
     """
     gather = gather or (lambda obj: [obj])
     batches = rank_batches(plan_batches(len(prompt_set), batch_size), rank, world_size)
@@ -324,8 +325,8 @@ def evaluate_settings(
     for setting in settings:
         shard = sample_shard(
             t2i, prompt_set, setting, batches, scorers, height=height, width=width,
-            negative_prompt=negative_prompt, guidance_rescale=guidance_rescale, sampler_options=sampler_options,
-            grid_size=grid_size, image_dir=image_dir,
+            negative_prompt=negative_prompt, guidance_rescale=guidance_rescale,
+            sampler_options=(sampler_options or {}).get(setting.sampler), grid_size=grid_size, image_dir=image_dir,
         )
         shards = gather(shard)
         if rank != 0:

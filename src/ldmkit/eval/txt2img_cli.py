@@ -45,9 +45,10 @@ def plan_txt2img(cfg: DictConfig) -> dict[str, Any]:
     prompt = cfg.get("prompt")
     if not prompt or not str(prompt).strip():
         raise EvalConfigError('task=txt2img needs a prompt: prompt="a red circle on the left".')
-    sampler = cfg.get("sampler") or _single(cfg, "sampler", as_list(cfg.get("samplers")))
+    group = cfg.get("sampler") or {}
+    sampler = check_samplers([group.get("name")], key="sampler")[0]
     setting = Setting(
-        check_samplers([sampler], key="sampler")[0],
+        sampler,
         _single(cfg, "steps", check_steps(as_list(cfg.get("steps")))),
         _single(cfg, "guidance", check_guidance(as_list(cfg.get("guidance")))),
     )
@@ -61,7 +62,8 @@ def plan_txt2img(cfg: DictConfig) -> dict[str, Any]:
         "ckpt": ckpt, "prompt": str(prompt), "negative_prompt": str(cfg.get("negative_prompt") or ""),
         "setting": setting, "height": height, "width": width, "seed": seed,
         "num_images": check_positive_int(cfg, "num_images"), "batch_size": check_positive_int(cfg, "batch_size"),
-        "guidance_rescale": float(cfg.get("guidance_rescale", 0.0)), "sampler_options": check_sampler_options(cfg),
+        "guidance_rescale": float(cfg.get("guidance_rescale", 0.0)),
+        "sampler_options": check_sampler_options(cfg, [sampler])[sampler],
     }
 
 
