@@ -17,8 +17,6 @@ TINY = [
     f"hydra.searchpath=[file://{TEST_CONF}]",
     "model=tiny",
     "data=tiny",
-    "schedule=tiny",
-    "sampler=tiny",
     "trainer.accelerator=cpu",
     "trainer.log_every_n_steps=1",
     "callbacks.rich_progress_bar.refresh_rate=0",
@@ -27,7 +25,7 @@ TINY = [
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")])
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
     env.pop("LOCAL_RANK", None)
     env.update(extra)

@@ -23,8 +23,8 @@ from ldmkit.lit.callbacks import (
     grads_finite,
 )
 from ldmkit.lit.checkpointing import CHECKPOINT_KEY, AtomicModelCheckpoint, trainer_plugins
-from scaleout.test_checkpointing import SLURM_VARS
-from scaleout.tiny import TinyDataModule, TinyManualModule, TinyModule
+from tests.scaleout.test_checkpointing import SLURM_VARS
+from tests.scaleout.tiny import TinyDataModule, TinyManualModule, TinyModule
 
 
 def make_trainer(tmp_path: Path, max_steps: int, callbacks: list[Callback], **kwargs) -> Trainer:

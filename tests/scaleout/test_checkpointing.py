@@ -23,8 +23,8 @@ from ldmkit.lit.checkpointing import (
     trainer_plugins,
     wandb_resume_overrides,
 )
-from scaleout.conftest import ROOT
-from scaleout.tiny import TinyDataModule, TinyModule
+from tests.scaleout.conftest import ROOT
+from tests.scaleout.tiny import TinyDataModule, TinyModule
 
 SLURM_VARS = {
     "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "train",

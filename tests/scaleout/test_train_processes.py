@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scaleout.conftest import TINY, checkpoint_step, run_train, start_train, wait_for
-from scaleout.wandb_files import run_summary
+from tests.scaleout.conftest import TINY, checkpoint_step, run_train, start_train, wait_for
+from tests.scaleout.wandb_files import run_summary
 
 
 def run_dirs(log_dir: Path) -> list[Path]:
@@ -50,7 +50,7 @@ def test_ddp_sigterm_saves_once_then_resume_continues_same_wandb_run(tmp_path):
     summary = run_summary(next(wandb_run.glob("run-*.wandb")))
     config = summary["config"]
     assert config["trainer"]["strategy"]["_target_"] == "ldmkit.lit.distributed.HydraDDPStrategy"
-    assert config["trainer"]["precision"] == "bf16-mixed" and config["model"]["_target_"] == "scaleout.tiny.TinyModule"
+    assert config["trainer"]["precision"] == "bf16-mixed" and config["model"]["_target_"] == "tests.scaleout.tiny.TinyModule"
     assert config["paths"]["output_dir"] == str(first)  # resolved, not "${hydra:runtime.output_dir}"
     checkpoint = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
     assert len(checkpoint["ldmkit"]["rng_states"]) == 2 and checkpoint["ldmkit"]["wandb_run_id"] == summary["run_id"]
