@@ -262,3 +262,17 @@ def test_two_processes_give_the_metrics_of_one_with_fid_and_wandb(tiny_artifacts
     assert tables, "rank 0 logs the results table to the W&B run"
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # only rank 0 logs
 
+
+
+def test_non_wandb_loggers_get_the_scalar_metrics(tmp_path):
+    from ldmkit.eval.runner import log_to_loggers
+
+    cfg = compose_eval(["logger=csv", "ckpt=/somewhere/run/artifact"], tmp_path)
+    rows = [{"sampler": "ddim", "steps": 10, "guidance": 3.0, "nfe": 10, "fid": 12.5, "kid_mean": None,
+             "clip_score": 25.0, "prompt_accuracy": {"colour": 0.5, "shape": 0.25, "both": 0.25}}]
+    log_to_loggers(cfg, rows, {})
+    text = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+    header, values = text.splitlines()[:2]
+    logged = dict(zip(header.split(","), values.split(",")))
+    assert float(logged["ddim/10/3/fid"]) == 12.5 and float(logged["ddim/10/3/acc_shape"]) == 0.25
+    assert "ddim/10/3/kid_mean" not in logged  # n/a is not logged as a number

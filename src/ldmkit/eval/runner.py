@@ -513,6 +513,8 @@ def run_sampled_sets(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]
             t2i.generate(prompt_set.prompts[:1], prompt_set.seeds[:1], sampler=first.sampler, steps=min(first.steps, 2),
                          guidance_scale=first.guidance, height=plan.height, width=plan.width)
         output_dir = Path(cfg.paths.output_dir)
+        if gather is not None:  # torchrun-started ranks each composed their own run folder: use rank 0's
+            output_dir = Path(gather(str(output_dir))[0])
         if rank == 0:
             log.info("Evaluating %s (%s): %d settings x %d samples on %d process(es), %s", plan.ckpt, t2i.model_hash,
                      len(plan.settings), plan.num_samples, world_size, device)
@@ -621,12 +623,13 @@ def log_to_loggers(cfg: DictConfig, rows: list[dict], grids: dict) -> None:
     from ldmkit.pipeline import instantiate_group
 
     logger_cfg = cfg.logger.copy()
+    defaults = {"name": f"{cfg.get('task_name', 'eval')}-{Path(str(cfg.ckpt)).parent.name}", "group": "eval"}
     with open_dict(logger_cfg):
-        for node in logger_cfg.values():  # train-run defaults name the run after the model group eval lacks
-            if isinstance(node, DictConfig) and "WandbLogger" in str(node.get("_target_", "")):
-                for key, default in (("name", f"{cfg.get('task_name', 'eval')}-{Path(str(cfg.ckpt)).parent.name}"),
-                                     ("group", "eval")):
-                    if OmegaConf.select(node, key, throw_on_resolution_failure=False) is None:
+        for node in logger_cfg.values():  # the train-run defaults name runs after the model group eval lacks
+            if isinstance(node, DictConfig):
+                raw = OmegaConf.to_container(node, resolve=False)
+                for key, default in defaults.items():
+                    if key in raw and (raw[key] is None or "choices.model" in str(raw[key])):
                         node[key] = default
     loggers = instantiate_group(logger_cfg, Logger)
     config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
