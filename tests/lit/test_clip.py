@@ -18,8 +18,8 @@ from lightning.pytorch import Trainer
 
 from ldmkit.artifacts import ArtifactError, save_artifact
 from ldmkit.data.shapes import ShapesDataModule
-from ldmkit.lit.clip import ClipModule, merge_rank_shards, shapes_zero_shot_task
-from ldmkit.lit.optim import WarmupCosine, warmup_cosine_schedule, weight_decay_param_groups
+from ldmkit.lit.clip import ClipModule, merge_rank_shards, shapes_zero_shot_task, zero_shot_task_for
+from ldmkit.lit.optim import WarmupCosine, build_optimizer, warmup_cosine_schedule, weight_decay_param_groups
 from ldmkit.nn.clip import FrozenClipTextEncoder, SigLipLoss, build_clip, encode_images, load_clip, load_text_encoder
 
 TINY_CFG = {
@@ -85,6 +85,13 @@ def test_weight_decay_only_on_weight_matrices():
         assert name in decay, name
 
 
+def test_fused_adamw_only_for_cuda_parameters():
+    groups = weight_decay_param_groups(torch.nn.Linear(2, 2))
+    assert build_optimizer(partial(torch.optim.AdamW, lr=1e-3), groups, "cuda").defaults["fused"] is True
+    assert not build_optimizer(partial(torch.optim.AdamW, lr=1e-3), groups, "cpu").defaults["fused"]
+    assert build_optimizer(partial(torch.optim.AdamW, lr=1e-3, fused=False), groups, "cuda").defaults["fused"] is False
+
+
 def test_warmup_cosine_schedule_values():
     fn = WarmupCosine(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     assert [fn(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -121,6 +128,35 @@ def test_fit_logs_retrieval_and_zero_shot_metrics_and_clamps_temperature():
         assert torch.isfinite(metrics[key]), key
     assert 0 <= metrics["val/zeroshot_colour_shape"] <= min(metrics["val/zeroshot_colour"], metrics["val/zeroshot_shape"]) <= 1
     assert metrics["val/i2t_R@1"] <= metrics["val/i2t_R@5"] <= metrics["val/i2t_R@10"]
+
+
+def test_bf16_grad_checkpointing_clipping_and_weights_only_checkpoint(tmp_path):
+    module = tiny_module(grad_checkpointing=True, gradient_clip_val=0.5)
+    assert module.net.transformer.grad_checkpointing and module.net.visual.transformer.grad_checkpointing
+    clip_calls = []
+    clip_gradients = module.clip_gradients
+    module.clip_gradients = lambda optimizer, **kw: (clip_calls.append(kw), clip_gradients(optimizer, **kw))[1]
+    before = module.net.visual.proj.detach().clone()
+    trainer = quiet_trainer(max_steps=1, precision="bf16-mixed", limit_val_batches=0)
+    trainer.fit(module, datamodule=tiny_shapes())
+    assert clip_calls == [{"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}]
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and not torch.equal(before, module.net.visual.proj)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)  # pipeline resumes with weights_only=True
+    assert checkpoint["lr_schedulers"][0]["lr_lambdas"][0]["total_steps"] == 1
+
+
+def test_zero_shot_task_is_picked_from_the_datamodule():
+    from ldmkit.data.digits import DigitsDataModule
+
+    assert zero_shot_task_for(tiny_shapes()).name == "shapes"
+    digits = zero_shot_task_for(DigitsDataModule(batch_size=4, num_workers=0))
+    assert digits.name == "digits" and digits.prompts()[7] == "a handwritten digit seven"
+    assert digits.targets([{"digit": 7}, {}]).tolist() == [[7], [-1]]
+    assert zero_shot_task_for(object()) is None and zero_shot_task_for(tiny_shapes(), None) is None
+    assert zero_shot_task_for(None, "digits", "the digit {digit}").prompts()[0] == "the digit zero"
+    with pytest.raises(ValueError, match="zero_shot='cifar'"):
+        zero_shot_task_for(None, "cifar")
 
 
 def test_shapes_zero_shot_task_uses_single_object_scenes():

@@ -19,14 +19,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    import open_clip
 
 # OpenAI CLIP's pixel statistics (open_clip's default preprocessing); kept for models trained here
 # too, so every ldmkit CLIP (ours or downloaded) normalises images the same way.
@@ -127,8 +124,9 @@ def build_clip(
     model.ldmkit_arch = {"model_name": model_name, "model_cfg": arch}
     from open_clip.model import set_model_preprocess_cfg
 
-    size = arch["vision_cfg"].get("image_size", 224)
-    set_model_preprocess_cfg(model, {"size": size, "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": "shortest"})
+    preprocess = {"size": arch["vision_cfg"].get("image_size", 224), "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess.update(arch.get("preprocess_cfg") or {})  # e.g. SigLIP architectures declare mean = std = 0.5
+    set_model_preprocess_cfg(model, preprocess)
     if pretrained_path is not None:
         load_pretrained(model, pretrained_path)
     return model
@@ -164,13 +162,15 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
             f"trained with the architecture {arch}) or an artifact folder written by `{PRODUCER}`; "
             "downloads by tag are not supported (no network), and pretrained_path=null trains from scratch."
         )
-    state_dict = _read_state_dict(path)
     try:
         if path.is_dir():
-            model.load_state_dict(state_dict, strict=True)
-        else:
+            model.load_state_dict(_read_state_dict(path), strict=True)
+        else:  # open_clip's loader also converts OpenAI/JIT/timm-style key layouts and resizes position embeddings
             open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except (RuntimeError, AssertionError, ValueError, KeyError) as err:  # open_clip asserts on some shape clashes
+    except ClipCheckpointError:
+        raise
+    except Exception as err:  # unreadable file, or keys/shapes that do not fit (open_clip even asserts on some)
+        state_dict = _read_state_dict(path)  # raises "Cannot read ..." if the file itself is the problem
         raise ClipCheckpointError(
             f"Checkpoint '{path}' does not match the architecture {arch}: {describe_mismatch(model, state_dict)}. "
             "Set model_name to the architecture the checkpoint was trained with (or fix model_cfg)."
