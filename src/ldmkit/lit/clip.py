@@ -161,7 +161,8 @@ class ClipModule(LightningModule):
         return image_features.float(), text_features.float()
 
     def gather_features(self, features: Tensor) -> Tensor:
-        """(B, E) on each rank -> (W*B, E), differentiable (gradients flow back to their rank)."""
+        """(B, E) on each rank -> (W*B, E), differentiable (gradients flow back to their rank).
+        Needs the same B on every rank, as DistributedSampler (padding) + drop_last give."""
         gathered = self.all_gather(features, sync_grads=True)
         return gathered.flatten(0, 1) if gathered.dim() == features.dim() + 1 else gathered
 

@@ -348,7 +348,8 @@ class FrozenClipTextEncoder(nn.Module):
     block's output, 2 the penultimate one (Stable Diffusion / A1111 convention); the final
     LayerNorm is applied to whichever layer is taken. ``pooled`` is always the model's own text
     embedding (last layer, pooled at the end token, projected; not L2-normalised), as SDXL uses.
-    Holds only the text tower (the image tower is not part of this module's state).
+    Holds only the text tower (the image tower is not part of this module's state); it shares the
+    given model's text parameters and freezes them (pass a copy to keep training that model).
     """
 
     def __init__(self, model: nn.Module, tokenizer, clip_skip: int = 1) -> None:
