@@ -95,3 +95,24 @@ def test_kill9_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     exp_opt, got_opt = expected["optimizer_states"][0]["state"], final["optimizer_states"][0]["state"]
     assert all(torch.equal(got_opt[i]["exp_avg_sq"], exp_opt[i]["exp_avg_sq"]) for i in exp_opt)
     assert final["lr_schedulers"][0]["last_epoch"] == expected["lr_schedulers"][0]["last_epoch"] == 20
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_multirun_keeps_each_job_in_its_folder(tmp_path):
+    """`-m` + trainer=ddp: Lightning's launcher alone would re-run the whole sweep in every rank>0 process;
+    HydraDDPStrategy starts rank 1 as a plain run of the current job, and finish_job lets job 1 start clean
+    (its own W&B run, a fresh process group, its own rank-1 process)."""
+    log_dir = tmp_path / "logs"
+    run_train(*TINY, f"paths.log_dir={log_dir}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+              "trainer.max_steps=3", "trainer.val_check_interval=3", "logger=wandb", "model.lr=0.01,0.02", multirun=True)
+    (sweep,) = (log_dir / "train" / "tiny" / "multiruns").iterdir()  # no second sweep started by a child
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    run_ids = set()
+    for job, lr in zip(jobs, [0.01, 0.02]):
+        assert checkpoint_step(job / "checkpoints" / "last.ckpt") == 3
+        (wandb_run,) = wandb_runs(job)
+        summary = run_summary(next(wandb_run.glob("run-*.wandb")))
+        assert summary["config"]["model"]["lr"] == lr
+        run_ids.add(summary["run_id"])
+    assert len(run_ids) == 2

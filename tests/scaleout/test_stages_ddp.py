@@ -1,0 +1,74 @@
+"""Each real stage under `trainer=ddp` with 2 CPU processes (gloo) and bf16-mixed, through `train.py`,
+on tiny versions of the stage configs; and the offline (Hydra multirun) noise-schedule sweep on the LDM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+import torch
+
+from tests.scaleout.conftest import run_train
+
+SHAPES = ["data=shapes", "data.batch_size=4", "data.num_workers=0", "data.train_size=64", "data.val_size=8", "data.test_size=8"]
+TINY_STAGE = {
+    "autoencoder": ["model=autoencoder", "model.autoencoder.config.base_channels=8", "model.latent_stats_batches=1",
+                    "model.num_log_images=2"],
+    "clip": ["model=clip", "model.net.model_cfg.embed_dim=16", "model.net.model_cfg.vision_cfg.layers=1",
+             "model.net.model_cfg.vision_cfg.width=32", "model.net.model_cfg.vision_cfg.head_width=16",
+             "model.net.model_cfg.text_cfg.layers=1", "model.net.model_cfg.text_cfg.width=32",
+             "model.net.model_cfg.text_cfg.heads=2", "model.scheduler.warmup_steps=1"],
+    "ldm": ["model=ldm", "model.val_prompts=[]", "model.lr_warmup_steps=1", "sampler.steps=2"],
+}
+TRAINER = ["trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+           "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1",
+           "callbacks.rich_progress_bar.refresh_rate=0", "logger=csv"]
+
+
+def stage_overrides(stage: str, artifacts: dict[str, Path]) -> list[str]:
+    overrides = SHAPES + TINY_STAGE[stage] + TRAINER
+    if stage == "ldm":
+        overrides += [f"model.autoencoder={artifacts['autoencoder']}", f"model.text_encoder={artifacts['clip']}"]
+    return overrides
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["autoencoder", "clip", "ldm"])
+def test_stage_trains_with_ddp_on_two_cpu_processes(tmp_path, tiny_artifacts, stage):
+    log_dir = tmp_path / "logs"
+    run_train(*stage_overrides(stage, tiny_artifacts), f"paths.log_dir={log_dir}", "trainer=ddp", "trainer.devices=2",
+              "trainer.accelerator=cpu", timeout=400)
+    (run,) = sorted((log_dir / "train" / stage / "runs").iterdir())  # one run folder for both ranks
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 * len(checkpoint["optimizer_states"])  # manual optimisation: steps per optimizer
+    assert len(checkpoint["ldmkit"]["rng_states"]) == 2  # both ranks' RNG states
+    assert (run / "artifact" / "config.json").is_file() and (run / "artifact" / "weights.safetensors").is_file()
+    assert sorted(p.name for p in (run / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]
+    assert "precision: bf16-mixed" in (run / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_offline_noise_schedule_sweep_runs_two_ldm_jobs(tmp_path, tiny_artifacts):
+    """`python train.py -m experiment=sweep_noise_schedules ...` restricted to a 2-point grid: two jobs, each with
+    its own folder and its own val/x0_mse; the command line narrows the experiment's sweeper params."""
+    log_dir = tmp_path / "logs"
+    proc = run_train(
+        "experiment=sweep_noise_schedules", *stage_overrides("ldm", tiny_artifacts), f"paths.log_dir={log_dir}",
+        "schedule=linear,cosine", "schedule.zero_terminal_snr=true", "model.loss.prediction=v", "model.loss.weighting=min_snr",
+        multirun=True, timeout=400,
+    )
+    (sweep,) = sorted((log_dir / "sweep_noise_schedules" / "ldm" / "multiruns").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"], proc.stdout[-3000:]
+    names = set()
+    for job in jobs:
+        config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        assert config["schedule"]["zero_terminal_snr"] is True
+        assert (config["model"]["loss"]["prediction"], config["model"]["loss"]["weighting"]) == ("v", "min_snr")
+        names.add(config["schedule"]["name"])
+        header, *rows = (job / "csv" / "metrics.csv").read_text().splitlines()
+        column = header.split(",").index("val/x0_mse")
+        values = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+        assert values and all(v == v and v < 1e6 for v in values)  # logged, finite
+    assert names == {"linear", "cosine"}
