@@ -154,6 +154,13 @@ class LatentDiffusionModule(LightningModule):
         return self._forward_net(x_t, t, context=cond[0], pooled=cond[1] if self.hparams.use_pooled else None)
 
     # ---- training -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # A latent cache (data=latent_cache) holds another model's encodings if it was built with other
+        # frozen encoders; training would silently learn the wrong latents, so its datamodule checks them.
+        check = getattr(getattr(self.trainer, "datamodule", None), "check_encoders", None)
+        if check is not None:
+            check(autoencoder=self.hparams.autoencoder, text_encoder=self.hparams.text_encoder, clip_skip=self.hparams.clip_skip)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.latents(batch)
         cond = self.conditioning(batch, self.hparams.cond_drop_prob)
