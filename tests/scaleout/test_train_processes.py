@@ -16,6 +16,18 @@ from tests.scaleout.conftest import TINY, checkpoint_step, run_train, start_trai
 from tests.scaleout.wandb_files import run_summary
 
 
+def train_in_process(compose_cfg, output_dir: Path, *overrides: str):
+    """pipeline.train on the composed config in this process (no interpreter start-up), writing to output_dir."""
+    from omegaconf import open_dict
+
+    from ldmkit.pipeline import train
+
+    cfg = compose_cfg(list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return train(cfg)
+
+
 def run_dirs(log_dir: Path) -> list[Path]:
     return sorted((log_dir / "train" / "tiny" / "runs").iterdir())
 
@@ -25,10 +37,10 @@ def wandb_runs(run_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_ddp_sigterm_saves_once_then_resume_continues_same_wandb_run(tmp_path):
+def test_ddp_sigterm_saves_once_then_resume_continues_same_wandb_run(tmp_path, compose_cfg):
     """trainer=ddp, 2 CPU processes (gloo), bf16-mixed, started by Lightning under Hydra:
     one run folder, one W&B run holding the resolved config; SIGTERM to rank 0 stops both ranks at
-    the same step with a last.ckpt; ckpt_path=last resumes to max_steps in the same W&B run."""
+    the same step with a last.ckpt; resuming from it reaches max_steps in the same W&B run."""
     log_dir, log = tmp_path / "logs", tmp_path / "first.log"
     common = [*TINY, f"paths.log_dir={log_dir}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
               "trainer.max_steps=30", "trainer.val_check_interval=10", "callbacks.model_checkpoint.every_n_train_steps=5",
@@ -56,8 +68,10 @@ def test_ddp_sigterm_saves_once_then_resume_continues_same_wandb_run(tmp_path):
     assert len(checkpoint["ldmkit"]["rng_states"]) == 2 and checkpoint["ldmkit"]["wandb_run_id"] == summary["run_id"]
     assert not torch.equal(checkpoint["ldmkit"]["rng_states"][0]["torch"], checkpoint["ldmkit"]["rng_states"][1]["torch"])
 
-    run_train(*common, "ckpt_path=last")
-    second = next(d for d in run_dirs(log_dir) if d != first)
+    # resume in this process (saves an interpreter start) on one process: a different world size is fine too
+    second = tmp_path / "resumed"
+    train_in_process(compose_cfg, second, *TINY, "trainer.max_steps=30", "callbacks.model_checkpoint.every_n_train_steps=5",
+                     "logger=wandb", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
     assert checkpoint_step(second / "checkpoints" / "last.ckpt") == 30
     assert (second / "artifact").is_dir()
     (resumed_wandb,) = wandb_runs(second)
@@ -65,12 +79,13 @@ def test_ddp_sigterm_saves_once_then_resume_continues_same_wandb_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill9_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
-    """kill -9 between checkpoints; resume from last.ckpt: same final step, bit-identical weights and EMA."""
+def test_kill9_mid_run_then_resume_matches_uninterrupted_run(tmp_path, compose_cfg):
+    """kill -9 between checkpoints; resume from last.ckpt: same final step, bit-identical weights, EMA,
+    AdamW moments and LR schedule (the reference and the resumed run run in this process)."""
     common = [*TINY, "logger=csv", "trainer.max_steps=20", "trainer.val_check_interval=5",
               "callbacks.model_checkpoint.every_n_train_steps=5"]
     reference = tmp_path / "reference"
-    run_train(*common, f"hydra.run.dir={reference}")
+    train_in_process(compose_cfg, reference, *common)
 
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
     proc = start_train(*common, f"hydra.run.dir={killed}", "model.step_sleep=0.4", log=log)
@@ -85,7 +100,7 @@ def test_kill9_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
     assert 10 <= checkpoint_step(last) < 20
 
     resumed = tmp_path / "resumed"
-    run_train(*common, f"hydra.run.dir={resumed}", f"ckpt_path={last}")
+    train_in_process(compose_cfg, resumed, *common, f"ckpt_path={last}")
     final = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == expected["global_step"] == 20
