@@ -104,6 +104,7 @@ def test_fast_dev_run_trains_from_the_cache_without_encoding_images(compose_cfg,
     assert "image" not in batch and batch["latent_mean"].shape == (4, 4, 8, 8) and batch["context"].shape == (4, 16, 32)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 def test_training_step_from_cache_equals_step_from_images(cache, tiny_artifacts):
     """Same global RNG state -> the same posterior noise, condition dropout, timesteps and noise in both
     paths, so the loss differs only by the fp16 rounding of the cached tensors."""

@@ -310,6 +310,9 @@ def build_latent_cache(
     check_resolution(resolution, factor)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         batches = _source_batches(dataset, num_samples, int(batch_size), int(num_workers))
         progress = max(int(batch_size), 10 ** max(2, int(math.log10(num_samples or 10_000)) - 1))
