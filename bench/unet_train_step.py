@@ -4,27 +4,30 @@ Both nets get the same architecture (`diffusers_unet_kwargs`) and the same weigh
 (`state_dict_from_diffusers`), the same inputs, loss and optimizer, and run in the same process,
 alternating step by step so that load from other processes on a shared machine hits both alike.
 Prints samples/s (from the median wall time per step; also the median CPU time per step, which
-waiting for a busy shared CPU does not inflate), peak step memory, FLOP/s and model-FLOP utilisation, and ratios ldmkit/diffusers.
+waiting for a busy shared CPU does not inflate), peak step memory, FLOP/s and model-FLOP
+utilisation, and ratios ldmkit/diffusers.
 
-    python bench/unet_train_step.py                                   # CPU: tiny preset, 8x8x4 latents
-    python bench/unet_train_step.py --device cuda --preset sd15 --latent-size 64 --batch 16 --compile
+    python bench/unet_train_step.py --threads 1              # CPU: tiny preset, 16 x 8x8x4 latents
+    python bench/unet_train_step.py --device cuda --preset sd15 --latent-size 64 --batch 8 --dtypes bf16 --compile
 
 Peak memory is the growth of memory during one training step over the memory held before it
 (weights, optimizer state, inputs): activations, gradients (`zero_grad(set_to_none=True)`) and
 temporaries. CUDA: `torch.cuda.max_memory_allocated`. CPU (Linux): the process's peak RSS
 (`VmHWM`, reset through `/proc/self/clear_refs` before the step) minus its RSS before the step;
-glibc's mmap threshold is pinned at 64 KiB (`mallopt`) so freed tensors leave RSS at once instead
-of staying cached in the heap, which would hide the next step's allocations. Also printed: the
-bytes autograd saves for backward (distinct storages, via `saved_tensors_hooks`), exact and
-independent of the allocator.
+measured in a separate process started with glibc's mmap threshold pinned at 64 KiB, so freed
+tensors leave RSS at once instead of staying cached in the heap, where they would hide the next
+step's allocations (pinned, every large allocation is a syscall, so the timings run without it).
+Also printed: the bytes autograd saves for backward (distinct storages, `saved_tensors_hooks`),
+exact and independent of the allocator.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
+import json
 import os
+import subprocess
+import sys
 import statistics
 import time
 from collections.abc import Callable
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow to compile on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--profile", action="store_true", help="print torch.profiler op tables for both nets and exit")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -133,13 +137,14 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def pin_glibc_mmap_threshold() -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and bool(libc.mallopt(m_trim_threshold, 128 * 1024))
-    except OSError:
-        return False
+def cpu_memory_in_subprocess(argv: list[str]) -> dict[str, float]:
+    """Peak step memory of each (dtype, impl), measured in a fresh process whose glibc returns every
+    allocation above 64 KiB to the OS on free (so RSS follows live tensors). Not in this process:
+    there the pinned threshold would slow the timed steps, and set late it would miss heap reuse."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
+    child = subprocess.run([sys.executable, __file__, *argv, "--memory-child"], env=env, capture_output=True,
+                           text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def peak_step_memory_mib(impl: Impl, batch: dict[str, torch.Tensor], dtype: str) -> float:
@@ -216,13 +221,21 @@ def profile(impls: list[Impl], batch: dict[str, torch.Tensor], dtype: str) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    pinned = args.device == "cpu" and pin_glibc_mmap_threshold()
     device = torch.device(args.device)
     impls, batch = build(args)
     ours, theirs = impls
+    if args.memory_child:
+        memory = {}
+        for dtype in args.dtypes:
+            for impl in impls:
+                train_step(impl, batch, dtype)  # allocates the AdamW state
+                memory[f"{dtype}/{impl.name}"] = peak_step_memory_mib(impl, batch, dtype)
+        print(json.dumps(memory))
+        return
     counts = [sum(p.numel() for p in impl.model.parameters()) for impl in impls]
     cfg = ours.model.config
     print(f"preset {args.preset}: widths {cfg.widths}, {cfg.num_res_blocks} res blocks/level, attention levels "
@@ -244,7 +257,13 @@ def main(argv: list[str] | None = None) -> None:
             profile(impls, batch, dtype)
         return
 
-    rows = [row for dtype in args.dtypes for row in measure(impls, batch, dtype, args, pinned)]
+    rows = [row for dtype in args.dtypes for row in measure_speed(impls, batch, dtype, args)]
+    memory = cpu_memory_in_subprocess(argv) if device.type == "cpu" else {}
+    for row in rows:
+        impl = next(impl for impl in impls if impl.name == row["impl"])
+        key = f"{row['dtype']}/{impl.name}"
+        row["mem"] = memory[key] if key in memory else peak_step_memory_mib(impl, batch, row["dtype"])
+        row["saved"] = saved_for_backward_mib(impl, batch, row["dtype"])
     print(f"\n{'dtype':5} {'impl':9} {'ms/step':>8} {'IQR ms':>7} {'CPU ms':>7} {'samples/s':>9} {'TFLOP/s':>8} "
           f"{'MFU':>6} {'peak MiB':>8} {'saved MiB':>9}")
     for r in rows:
@@ -257,8 +276,9 @@ def main(argv: list[str] | None = None) -> None:
               f"   peak memory {a['mem'] / b['mem']:.3f}   saved for backward {a['saved'] / b['saved']:.3f}")
 
 
-def measure(impls: list[Impl], batch: dict[str, torch.Tensor], dtype: str, args: argparse.Namespace,
-            cpu_memory: bool) -> list[dict[str, float | str]]:
+def measure_speed(
+    impls: list[Impl], batch: dict[str, torch.Tensor], dtype: str, args: argparse.Namespace
+) -> list[dict[str, float | str]]:
     device = batch["x"].device
     wall: dict[str, list[float]] = {impl.name: [] for impl in impls}
     cpu: dict[str, list[float]] = {impl.name: [] for impl in impls}
@@ -283,8 +303,6 @@ def measure(impls: list[Impl], batch: dict[str, torch.Tensor], dtype: str, args:
             "dtype": dtype, "impl": impl.name, "ms": 1e3 * seconds, "iqr": 1e3 * (q3 - q1),
             "cpu_ms": 1e3 * statistics.median(cpu[impl.name]), "samples_s": args.batch / seconds,
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak,
-            "mem": peak_step_memory_mib(impl, batch, dtype) if device.type == "cuda" or cpu_memory else float("nan"),
-            "saved": saved_for_backward_mib(impl, batch, dtype),
         })
     print(f"{dtype}: measured matmul peak {peak / 1e12:.3f} TFLOP/s; FLOPs per step {flops / 1e9:.1f} G")
     return rows

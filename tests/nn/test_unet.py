@@ -313,3 +313,29 @@ def test_torch_compile_captures_one_graph_with_equal_outputs_and_grads():
 @pytest.mark.gpu
 def test_torch_compile_inductor_matches_eager_on_gpu():
     _compile_check("inductor", "cuda", tol=1e-2)  # cuDNN convs may use TF32
+
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "unet_train_step.py"
+    spec = importlib.util.spec_from_file_location("unet_train_step", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_parses_its_gpu_mode():
+    args = _load_bench().parse_args(["--device", "cuda", "--preset", "sd15", "--latent-size", "64", "--compile"])
+    assert (args.device, args.preset, args.compile, args.dtypes) == ("cuda", "sd15", True, ["fp32", "bf16"])
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_cpu(capsys):
+    argv = ["--batch", "2", "--context-len", "4", "--steps", "2", "--warmup", "1", "--threads", "1"]
+    _load_bench().main(argv)
+    out = capsys.readouterr().out
+    assert "parameters: ldmkit 6,105,348  diffusers 6,105,348" in out
+    assert "fp32  samples/s" in out and "bf16  samples/s" in out
