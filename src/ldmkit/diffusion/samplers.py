@@ -269,7 +269,8 @@ def _unipc_step(x: Tensor, cur: NoiseLevel, nxt: NoiseLevel, base: Tensor, nodes
     if new is not None:
         rks, diffs = rks + [1.0], diffs + [new - base]
     order = len(nodes) + 1
-    # b_k = k! φ_{k+1}(hh) h^... / B(h): the recursion φ_{k+1} = (φ_k - 1/k!) / hh, Zhao et al. eq. 9
+    # Zhao et al. (Alg. 2/3): b_k = k! · hh·φ_{k+1}(hh) / B(h), with φ_1(z) = (e^z - 1)/z and
+    # φ_{k+1}(z) = (φ_k(z) - 1/k!) / z; `phi` holds hh·φ_{k+1}(hh) at iteration k
     b, phi, factorial = [], h_phi_1 / hh - 1, 1.0
     for k in range(1, order + 1):
         b.append(phi * factorial / b_h)
