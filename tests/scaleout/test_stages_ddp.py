@@ -44,7 +44,7 @@ def test_stage_trains_with_ddp_on_two_cpu_processes(tmp_path, tiny_artifacts, st
     assert checkpoint["global_step"] == 2 * len(checkpoint["optimizer_states"])  # manual optimisation: steps per optimizer
     assert len(checkpoint["ldmkit"]["rng_states"]) == 2  # both ranks' RNG states
     assert (run / "artifact" / "config.json").is_file() and (run / "artifact" / "weights.safetensors").is_file()
-    assert sorted(p.name for p in (run / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]
+    assert (run / "csv" / "metrics.csv").is_file() and not list((run / "csv").glob("version_*"))  # one CSV log
     assert "precision: bf16-mixed" in (run / ".hydra" / "config.yaml").read_text()
 
 
@@ -72,3 +72,34 @@ def test_offline_noise_schedule_sweep_runs_two_ldm_jobs(tmp_path, tiny_artifacts
         values = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
         assert values and all(v == v and v < 1e6 for v in values)  # logged, finite
     assert names == {"linear", "cosine"}
+
+
+def _train_ldm(compose_cfg, tiny_artifacts, output_dir: Path, *overrides: str):
+    from omegaconf import open_dict
+
+    from ldmkit.pipeline import train
+
+    cfg = compose_cfg([*stage_overrides("ldm", tiny_artifacts), "trainer.max_steps=8", "trainer.val_check_interval=4",
+                       "callbacks.model_checkpoint.every_n_train_steps=4", "model.ema_half_life_images=64", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    train(cfg)
+    return torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_ldm_resume_keeps_every_ema_update(tmp_path, compose_cfg, tiny_artifacts):
+    """Uninterrupted 8 steps vs 4 steps + resume to 8 on the real LDM stage (in process). Data order after a
+    mid-run resume is approximate for the shapes datamodule (see README), so weights are compared loosely;
+    the number of EMA updates is exact."""
+    reference = _train_ldm(compose_cfg, tiny_artifacts, tmp_path / "reference")
+    _train_ldm(compose_cfg, tiny_artifacts, tmp_path / "first", "trainer.max_steps=4")
+    resumed = _train_ldm(compose_cfg, tiny_artifacts, tmp_path / "resumed", f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert resumed["global_step"] == reference["global_step"] == 8
+    ref, res = reference["state_dict"], resumed["state_dict"]
+    assert int(res["ema.num_updates"]) == int(ref["ema.num_updates"]) == 8
+    shadow = [k for k in ref if k.startswith("ema.shadow.")]
+    diff = torch.cat([(res[k] - ref[k]).flatten() for k in shadow]).norm()
+    moved = torch.cat([(ref[k] - ref[k.replace("ema.shadow.", "unet.")]).flatten() for k in shadow]).norm()
+    # measured 0.055 vs 0.70: the batches after resuming differ (approximate data position), the EMA state does
+    # not; an EMA re-initialised from the live weights at resume would be ~1x `moved` away
+    assert diff < 0.25 * moved
