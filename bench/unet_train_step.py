@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
