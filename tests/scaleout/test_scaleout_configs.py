@@ -135,3 +135,17 @@ def test_offline_sweep_matches_the_wandb_sweep(compose_with_hydra):
     offline = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
     wandb = {k: [str(x).lower() for x in p["values"]] for k, p in _sweep()["parameters"].items()}
     assert offline == wandb
+
+
+def test_requeued_submitit_job_keeps_its_run_folder(compose_with_hydra):
+    """submitit pickles the job with its config; the timestamp in hydra.sweep.dir is resolved once and cached
+    in that config, so the requeued job (unpickled later) writes to, and resumes from, the same folder."""
+    import pickle
+    import time
+
+    cfg = compose_with_hydra(["hydra/launcher=slurm"])
+    first = str(cfg.hydra.sweep.dir)
+    blob = pickle.dumps(cfg)
+    time.sleep(1.1)
+    assert str(pickle.loads(blob).hydra.sweep.dir) == first
+    assert str(compose_with_hydra(["hydra/launcher=slurm"]).hydra.sweep.dir) != first  # a new submission: new folder

@@ -131,3 +131,16 @@ def test_ddp_inside_a_multirun_keeps_each_job_in_its_folder(tmp_path):
         assert summary["config"]["model"]["lr"] == lr
         run_ids.add(summary["run_id"])
     assert len(run_ids) == 2
+
+
+def test_requeued_job_resumes_from_its_own_last_checkpoint(tmp_path, compose_cfg, monkeypatch):
+    """A requeued SLURM job (SLURM_RESTART_COUNT > 0) re-runs the same command in the same folder without
+    ckpt_path: pipeline.train picks up that folder's last.ckpt by itself (a first attempt starts fresh)."""
+    run = tmp_path / "run"
+    common = [*TINY, "logger=csv", "callbacks.model_checkpoint.every_n_train_steps=5", "trainer.val_check_interval=5"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train_in_process(compose_cfg, run, *common, "trainer.max_steps=5")  # restart count set, nothing saved yet: fresh
+    assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 5
+    metrics, objects = train_in_process(compose_cfg, run, *common, "trainer.max_steps=10")
+    assert objects["trainer"].global_step == 10 and checkpoint_step(run / "checkpoints" / "last.ckpt") == 10
+    assert objects["trainer"].ckpt_path == str(run / "checkpoints" / "last.ckpt")
