@@ -155,6 +155,16 @@ def test_gan_training_honours_disc_start():
     assert all(p.requires_grad for p in model.parameters())  # untoggled after each step
 
 
+def test_gan_training_in_bf16_mixed():
+    model = module(gan=True, disc_start=1)
+    t = trainer(max_steps=3, precision="bf16-mixed")
+    t.fit(model, train_dataloaders=loader())
+    assert model.ae_step == 2
+    for key in ("train/loss", "train/d_weight", "train/disc_loss"):
+        assert torch.isfinite(t.callback_metrics[key]), key
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_gan_without_adaptive_weight_uses_fixed_weight():
     model = module(gan=True, disc_start=0, adaptive_disc_weight=False, disc_weight=0.25)
     t = trainer(max_steps=2)
