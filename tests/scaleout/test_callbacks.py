@@ -88,8 +88,7 @@ def test_rng_states_load_weights_only_and_cover_all_generators(tmp_path):
     assert states[0]["numpy"]["keys"].shape == (624,) and len(states[0]["python"]["state"]) == 625
 
 
-def test_validation_does_not_advance_training_rng(tmp_path):
-    fit(tmp_path, 5, [RNGStateCheckpoint()], limit_val_batches=2)  # no-op to warm up
+def test_validation_does_not_advance_training_rng():
     callback = RNGStateCheckpoint()
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
     torch.manual_seed(3)

@@ -112,27 +112,6 @@ def test_kill9_mid_run_then_resume_matches_uninterrupted_run(tmp_path, compose_c
     assert final["lr_schedulers"][0]["last_epoch"] == expected["lr_schedulers"][0]["last_epoch"] == 20
 
 
-@pytest.mark.slow
-def test_ddp_inside_a_multirun_keeps_each_job_in_its_folder(tmp_path):
-    """`-m` + trainer=ddp: Lightning's launcher alone would re-run the whole sweep in every rank>0 process;
-    HydraDDPStrategy starts rank 1 as a plain run of the current job, and finish_job lets job 1 start clean
-    (its own W&B run, a fresh process group, its own rank-1 process)."""
-    log_dir = tmp_path / "logs"
-    run_train(*TINY, f"paths.log_dir={log_dir}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-              "trainer.max_steps=3", "trainer.val_check_interval=3", "logger=wandb", "model.lr=0.01,0.02", multirun=True)
-    (sweep,) = (log_dir / "train" / "tiny" / "multiruns").iterdir()  # no second sweep started by a child
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [j.name for j in jobs] == ["0", "1"]
-    run_ids = set()
-    for job, lr in zip(jobs, [0.01, 0.02]):
-        assert checkpoint_step(job / "checkpoints" / "last.ckpt") == 3
-        (wandb_run,) = wandb_runs(job)
-        summary = run_summary(next(wandb_run.glob("run-*.wandb")))
-        assert summary["config"]["model"]["lr"] == lr
-        run_ids.add(summary["run_id"])
-    assert len(run_ids) == 2
-
-
 def test_requeued_job_resumes_from_its_own_last_checkpoint(tmp_path, compose_cfg, monkeypatch):
     """A requeued SLURM job (SLURM_RESTART_COUNT > 0) re-runs the same command in the same folder without
     ckpt_path: pipeline.train picks up that folder's last.ckpt by itself (a first attempt starts fresh)."""

@@ -40,8 +40,8 @@ def read_records(path: str | Path) -> list[Any]:
 
 
 def run_summary(path: str | Path) -> dict[str, Any]:
-    """{"run_id": ..., "config": {top-level key: value}, "history_keys": set of logged metric names}."""
-    run_id, config, history_keys = None, {}, set()
+    """{"run_id": ..., "config": {top-level key: value}, "history": {metric name: [logged values]}}."""
+    run_id, config, history = None, {}, {}
     for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -51,8 +51,9 @@ def run_summary(path: str | Path) -> dict[str, Any]:
             items = record.config.update
         else:
             if kind == "history":
-                history_keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+                for item in record.history.item:
+                    history.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
             continue
         for item in items:
             config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return {"run_id": run_id, "config": config, "history_keys": history_keys}
+    return {"run_id": run_id, "config": config, "history": history}
