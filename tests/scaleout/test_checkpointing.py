@@ -62,6 +62,7 @@ def test_atomic_io_failure_midway_keeps_previous_checkpoint(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing lightning: ~15 s CPU
 def test_process_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     """The process dies (os._exit, no cleanup) halfway through writing: last.ckpt is the previous one."""
     script = textwrap.dedent(
