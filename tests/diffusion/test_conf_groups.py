@@ -36,7 +36,7 @@ def test_sampler_configs_drive_sample(name):
     assert cfg["name"] == name and "_target_" not in cfg
     schedule = hydra_utils.instantiate(omegaconf.OmegaConf.load(CONF / "schedule" / "scaled_linear.yaml"),
                                        zero_terminal_snr=True)
-    net = lambda x, t, c: -x * c  # noqa: E731  (v = -x_t means x̂_0 = (α + σ) x_t ... any smooth map will do)
+    net = lambda x, t, c: -x * c  # noqa: E731  (a v-network; any smooth map will do)
     model = classifier_free_guidance(net, torch.ones(2, 1, 1, 1), torch.zeros(1, 1, 1, 1), cfg["guidance_scale"],
                                      rescale=cfg["guidance_rescale"])
     options = {k: v for k, v in cfg.items() if k not in ("name", "steps", "guidance_scale", "guidance_rescale")}

@@ -1,4 +1,5 @@
 import math
+import pickle
 
 import pytest
 import torch
@@ -174,5 +175,7 @@ def test_q_sample_and_device_tables():
     assert x_t.dtype == torch.float32
     assert torch.allclose(x_t.double(), ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double(), atol=1e-6)
     assert s.tables("cpu") is s.tables(torch.device("cpu"))  # cached: no copy per training step
+    restored = pickle.loads(pickle.dumps(s))  # checkpoints / spawn carry ᾱ, not the device caches
+    assert restored._device_tables == {} and torch.equal(restored.alphas_cumprod, s.alphas_cumprod)
     ref = diffusers.DDPMScheduler(beta_schedule="linear")
     assert torch.allclose(q_sample(s, x0.double(), t, noise.double()), ref.add_noise(x0.double(), noise.double(), t), rtol=1e-5)

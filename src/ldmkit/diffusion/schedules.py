@@ -53,6 +53,10 @@ class Schedule:
             )
         object.__setattr__(self, "alphas_cumprod", ac)
 
+    def __getstate__(self) -> dict:
+        # pickles (checkpoints, DDP spawn) carry ᾱ only, not the per-device caches
+        return {**self.__dict__, "_device_tables": {}}
+
     @property
     def num_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
