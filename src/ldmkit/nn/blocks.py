@@ -126,7 +126,10 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).permute(1, 0, 2, 4, 3)
+        # contiguous: SDPA's fused (flash) kernels need a dense last dim; on the strided view they fall
+        # back to the math path, which materialises the HW x HW attention matrix (1.75x slower fwd+bwd
+        # at 64x64 positions on CPU, see BENCHMARKS.md)
+        qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).permute(1, 0, 2, 4, 3).contiguous()
         q, k, v = qkv.unbind(0)  # each (B, heads, HW, C/heads)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
