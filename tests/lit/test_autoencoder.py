@@ -193,6 +193,36 @@ def test_lr_warmup_ramps_learning_rate():
     assert model.optimizers().param_groups[0]["lr"] == pytest.approx(3e-3 * 3 / 4)
 
 
+def test_lr_decay_is_cosine_over_the_run():
+    model = module(lr_warmup_steps=2, lr_decay=True)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.optimizers().param_groups[0]["lr"])
+
+    trainer(max_steps=6, callbacks=[Record()]).fit(model, train_dataloaders=loader(24))
+    # warmup over 2 steps, then cosine from 1 to 0 over the remaining 4: factor (1 + cos(pi k / 4)) / 2
+    expected = [3e-3 * f for f in (0.5, 1.0, *((1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)))]
+    assert seen == pytest.approx(expected), seen
+
+
+@pytest.mark.parametrize("loss", ["l1", "mse"])
+def test_reconstruction_loss_options(loss):
+    model = module(reconstruction_loss=loss)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon = torch.zeros_like(x)
+    nll, l1 = model.reconstruction_nll(x, recon)
+    expected = x.abs() if loss == "l1" else x.square()
+    torch.testing.assert_close(nll, expected.sum(dim=(1, 2, 3)))
+    torch.testing.assert_close(l1, x.abs().mean())
+
+
+def test_unknown_reconstruction_loss_is_rejected():
+    with pytest.raises(ValueError, match="reconstruction_loss must be one of"):
+        module(reconstruction_loss="huber")
+
+
 def test_gan_under_ddp_needs_find_unused_parameters():
     model = module(gan=True)
     model.trainer = trainer(strategy=DDPStrategy(find_unused_parameters=False))

@@ -115,6 +115,15 @@ def test_posterior_sampling_uses_generator_and_clamps_logvar():
     torch.testing.assert_close(draws.std(0), posterior.std, rtol=0.1, atol=0)
 
 
+def test_logvar_init_shifts_only_the_initial_posterior_logvar():
+    plain, shifted = tiny(), tiny(logvar_init=-6.0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    a, b = plain.encode(x), shifted.encode(x)
+    torch.testing.assert_close(b.mean, a.mean)
+    torch.testing.assert_close(b.logvar, a.logvar - 6.0)
+    assert AutoencoderConfig.from_dict(shifted.config.to_dict()).logvar_init == -6.0
+
+
 # ---- shared blocks -----------------------------------------------------------------------
 
 def test_blocks_shapes_and_embedding():

@@ -42,6 +42,10 @@ class AutoencoderConfig:
     dropout: float = 0.0
     # image size the model is trained at (checked against the downsampling factor); None: any multiple of it
     resolution: int | None = None
+    # initial log-variance of the posterior (bias of its logvar channels): 0 starts at std 1, where
+    # the sampled latents are mostly noise until the encoder learns to shrink it; e.g. -6 (std 0.05)
+    # lets a short run learn the reconstruction from the start. Initialisation only.
+    logvar_init: float = 0.0
 
     def __post_init__(self) -> None:
         # Hydra hands lists over as ListConfig; keep a plain tuple so asdict/JSON and equality behave
@@ -215,6 +219,9 @@ class AutoencoderKL(nn.Module):
         # 1x1 convs between the nets and the latent space, as in LDM (quant_conv / post_quant_conv)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        if config.logvar_init:
+            with torch.no_grad():
+                self.quant_conv.bias[config.latent_channels :] += config.logvar_init
 
     @property
     def downsampling_factor(self) -> int:
