@@ -14,7 +14,7 @@ from functools import partial
 import pytest
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from ldmkit.artifacts import ArtifactError, save_artifact
 from ldmkit.data.shapes import ShapesDataModule
@@ -116,9 +116,16 @@ def test_fit_logs_retrieval_and_zero_shot_metrics_and_clamps_temperature():
     module = tiny_module()
     with torch.no_grad():
         module.net.logit_scale.fill_(math.log(1000.0))  # above the clamp
-    trainer = quiet_trainer(max_steps=3, val_check_interval=3, limit_val_batches=None)
+    seen_by_callbacks = []
+
+    class Record(Callback):  # where ModelCheckpoint saves: must already see the clamped value
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen_by_callbacks.append(pl_module.net.logit_scale.item())
+
+    trainer = quiet_trainer(max_steps=3, val_check_interval=3, limit_val_batches=None, callbacks=[Record()])
     trainer.fit(module, datamodule=tiny_shapes())
     metrics = trainer.callback_metrics
+    assert len(seen_by_callbacks) == 3 and max(seen_by_callbacks) <= math.log(100.0) + 1e-6
     assert module.net.logit_scale.item() <= math.log(100.0) + 1e-6
     config = trainer.lr_scheduler_configs[0]
     assert config.interval == "step" and config.scheduler.lr_lambdas[0].total_steps == 3

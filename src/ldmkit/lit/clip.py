@@ -201,8 +201,10 @@ class ClipModule(LightningModule):
         self.log("train/logit_scale", self.net.logit_scale.detach().exp(), batch_size=batch_size)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # CLIP clamps the learned temperature so logits never exceed max_logit_scale (100).
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # CLIP clamps the learned temperature so logits never exceed max_logit_scale (100); right after
+        # the step, before any callback (ModelCheckpoint runs in on_train_batch_end) can save it unclamped
         with torch.no_grad():
             self.net.logit_scale.clamp_(0, math.log(self.max_logit_scale))
 
