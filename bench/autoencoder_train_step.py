@@ -52,20 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    import hydra
-    import torch
-
     overrides = [f"model={args.model}", "data=shapes", f"data.resolution={args.resolution}", f"data.batch_size={args.batch}",
                  "data.num_workers=0", "logger=none", f"model.channels_last={str(args.channels_last).lower()}"]
     if args.model == "autoencoder_f8":
         overrides.append("model.lpips=null")
     cfg = common.compose(overrides)
-    torch.manual_seed(0)
-    module = hydra.utils.instantiate(cfg.model)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    loader = iter(datamodule.train_dataloader())
-    batches = [next(loader) for _ in range(2)]
+    module, _, batches = common.instantiate_stage(cfg, num_batches=2)
     return cfg, module, batches
 
 

@@ -268,6 +268,22 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", workdir: 
     return cfg
 
 
+def instantiate_stage(cfg, num_batches: int, seed: int = 0) -> tuple[Any, Any, list[Any]]:
+    """(module, datamodule, batches): `cfg.model` built after seeding, `cfg.data` set up for fit, and
+    its first `num_batches` training batches (the loader, and its workers, released afterwards)."""
+    import hydra
+    import torch
+
+    torch.manual_seed(seed)
+    module = hydra.utils.instantiate(cfg.model)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    iterator = iter(datamodule.train_dataloader())
+    batches = [next(iterator) for _ in range(num_batches)]
+    del iterator
+    return module, datamodule, batches
+
+
 # ---- Lightning ------------------------------------------------------------------------------------
 
 class InMemoryBatches:

@@ -173,21 +173,13 @@ class WaitClock:
 
 
 def wait_fraction(args, work: Path, model: str) -> list:
-    import hydra
-    import torch
     from lightning.pytorch import Trainer
 
     overrides = [f"model={model}", "data=shapes", "logger=none"]
     if model == "clip":
         overrides.append("data.batch_size=128")  # the quickstart CLIP batch (conf/model/clip.yaml)
     cfg = common.compose(overrides, workdir=work / model)
-    torch.manual_seed(0)
-    module = hydra.utils.instantiate(cfg.model)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    iterator = iter(datamodule.train_dataloader())
-    in_memory = [next(iterator) for _ in range(4)]
-    del iterator
+    module, datamodule, in_memory = common.instantiate_stage(cfg, num_batches=4)
 
     def fit(source) -> tuple[common.Samples, common.Samples]:
         clock = WaitClock()
