@@ -324,3 +324,25 @@ def test_export_artifact_uses_trainer_datamodule_and_checkpoint_loads_weights_on
 def test_export_without_data_explains_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match="pass datamodule="):
         module().export_artifact(tmp_path / "artifact")
+
+
+def test_image_metrics_are_float32_inside_bf16_autocast():
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+    from ldmkit.lit.autoencoder import update_image_metrics
+
+    from ldmkit.data.shapes import ShapesDataset
+
+    torch.manual_seed(0)
+    # flat backgrounds: SSIM's variance terms are small, which bf16 cannot resolve
+    target = (torch.stack([r["image"] for r in ShapesDataset("val", size=16, resolution=32, seed=0).__getitems__(range(16))]) + 1) / 2
+    preds = (target + 0.03 * torch.randn_like(target)).clamp(0, 1)  # about 30 dB
+    reference = StructuralSimilarityIndexMeasure(data_range=1.0)(preds, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive = StructuralSimilarityIndexMeasure(data_range=1.0)
+        naive.update(preds, target)
+        psnr, ssim = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)), StructuralSimilarityIndexMeasure(data_range=1.0)
+        update_image_metrics((psnr, ssim), preds, target)
+    assert abs(naive.compute() - reference) > 0.01  # what the helper protects against: bf16 SSIM is off
+    assert torch.allclose(ssim.compute(), reference, atol=1e-6)
+    assert torch.allclose(psnr.compute(), PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))(preds, target), atol=1e-5)

@@ -94,3 +94,24 @@ def test_mismatched_context_width_fails_before_training(compose_cfg, tiny_artifa
     cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), "+model.unet.context_dim=768"])
     with pytest.raises(ArtifactError, match="context_dim=768 but the text encoder .* gives 32"):
         instantiate_node(cfg.model)
+
+
+def test_frozen_bf16_runs_the_encoders_in_bf16_and_hands_the_unet_float32(tiny_artifacts):
+    from tests.artifacts import ldm_module
+
+    fp32 = ldm_module(tiny_artifacts["autoencoder"], tiny_artifacts["clip"])
+    bf16 = ldm_module(tiny_artifacts["autoencoder"], tiny_artifacts["clip"], frozen_bf16=True)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    batch = {"image": images, "caption": ["a red circle", "a blue square", "a green star", ""]}
+    outputs = {}
+    for name, module in (("fp32", fp32), ("bf16", bf16)):
+        torch.manual_seed(0)
+        z = module.latents(batch)
+        context, pooled = module.conditioning(batch, drop_prob=0.0)
+        outputs[name] = (z, context, pooled)
+        assert all(t.dtype == torch.float32 for t in outputs[name])
+        loss, _ = module.loss_fn(module.net, z, module.schedule, cond=(context, pooled))  # the fp32 UNet accepts them
+        assert torch.isfinite(loss).all()
+    for reference, approx in zip(outputs["fp32"], outputs["bf16"]):
+        assert not torch.equal(reference, approx)  # bf16 really ran
+        assert torch.allclose(reference, approx, rtol=0.05, atol=0.05 * reference.abs().max().item())

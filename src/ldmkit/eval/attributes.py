@@ -103,3 +103,21 @@ def load_attribute_classifier(cache_dir: str | Path, resolution: int = 32, steps
     tmp.replace(path)
     log.info("trained the shapes attribute classifier in %.0f s → %s", time.perf_counter() - start, path)
     return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ldmkit.eval.attributes --cache-dir DIR`: train (or reuse) the judge before it is needed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--cache-dir", type=Path, required=True, help="folder that keeps the judge's safetensors")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    load_attribute_classifier(args.cache_dir, args.resolution, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

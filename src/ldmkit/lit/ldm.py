@@ -6,6 +6,7 @@ autoencoder and CLIP text encoder come from the artifact folders of stages 1 and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -61,6 +62,7 @@ class LatentDiffusionModule(LightningModule):
         resolution: int | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        frozen_bf16: bool = False,
     ) -> None:
         super().__init__()
         # plain values only: checkpoints must load with weights_only=True
@@ -117,9 +119,18 @@ class LatentDiffusionModule(LightningModule):
         self._batch_size = 0
 
     # ---- conditioning -------------------------------------------------------------------
+    def frozen_context(self) -> contextlib.AbstractContextManager:
+        """No grad, and bf16 autocast with `frozen_bf16` (the UNet keeps `trainer.precision`)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        if self.hparams.frozen_bf16:
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+        return stack
+
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            return self.text_encoder(list(captions))  # (B, L, D), (B, P)
+        with self.frozen_context():
+            context, pooled = self.text_encoder(list(captions))  # (B, L, D), (B, P)
+        return context.float(), pooled.float()
 
     def empty_prompt_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._uncond is None or self._uncond[0].device != self.device:
@@ -145,8 +156,8 @@ class LatentDiffusionModule(LightningModule):
         if "latent_mean" in batch:  # from the latent cache: posterior mean and std
             z = batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_std"])
         else:
-            with torch.no_grad():
-                z = self.autoencoder.encode(batch["image"]).sample()
+            with self.frozen_context():
+                z = self.autoencoder.encode(batch["image"]).sample().float()
         z = (z - self.shift_factor) * self.scale_factor
         return z.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else z
 
