@@ -121,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
+    from ldmkit.eval.attributes import attribute_classifier_path  # (imports Lightning: ~15 s, paid once, here)
+
     lane_threads = None if args.sequential else max(1, cpu_count() // 2)
     autoencoder = train_step("autoencoder", ["experiment=quickstart_autoencoder", f"logger={args.logger}"], out, lane_threads)
     clip = train_step("clip", ["experiment=quickstart_clip", f"logger={args.logger}"], out, lane_threads)
     judge_dir = out / "judge"
     judge = Step("judge", ["-m", "ldmkit.eval.attributes", "--cache-dir", str(judge_dir), "--resolution", str(JUDGE_RESOLUTION)],
-                 judge_dir / f"shapes_attribute_classifier_r{JUDGE_RESOLUTION}_s300.safetensors", thread_env(lane_threads))
+                 attribute_classifier_path(judge_dir, JUDGE_RESOLUTION), thread_env(lane_threads))
     lanes = [[autoencoder, clip, judge]] if args.sequential else [[autoencoder], [clip, judge]]
     try:
         timings = run_lanes(lanes, out, args.force)

@@ -88,9 +88,13 @@ def attribute_accuracy(model: AttributeClassifier, images: torch.Tensor, attribu
     return out
 
 
+def attribute_classifier_path(cache_dir: str | Path, resolution: int = 32, steps: int = 300) -> Path:
+    return Path(cache_dir) / f"shapes_attribute_classifier_r{resolution}_s{steps}.safetensors"
+
+
 def load_attribute_classifier(cache_dir: str | Path, resolution: int = 32, steps: int = 300) -> AttributeClassifier:
     """The judge for `resolution`, trained once and cached as safetensors in `cache_dir`."""
-    path = Path(cache_dir) / f"shapes_attribute_classifier_r{resolution}_s{steps}.safetensors"
+    path = attribute_classifier_path(cache_dir, resolution, steps)
     model = AttributeClassifier()
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
