@@ -13,11 +13,13 @@ and measures colour/shape accuracy with that independent classifier.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,11 +32,12 @@ JUDGE_RESOLUTION = 32  # data.resolution of the quickstart experiments
 
 @dataclass
 class Step:
-    """One command of the quickstart; `done` is the file whose presence means it already ran."""
+    """One command of the quickstart; `done` is the file whose presence means it already ran (None:
+    always run it; the command itself reuses what it finds)."""
 
     name: str
     args: list[str]
-    done: Path
+    done: Path | None
     env: dict[str, str] = field(default_factory=dict)
 
     def shown(self) -> str:
@@ -66,7 +69,7 @@ def train_step(name: str, overrides: list[str], out: Path, threads: int | None =
 
 def run_step(step: Step, force: bool, log: Path | None = None) -> float:
     """Run `step` (output to `log`, or to the console); 0.0 when its result exists and not `force`."""
-    if step.done.is_file() and not force:
+    if step.done is not None and step.done.is_file() and not force:
         print(f"[quickstart] {step.name}: reusing {step.done.parent} (pass --force to redo)", flush=True)
         return 0.0
     where = f"   (output: {log})" if log else ""
@@ -121,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    from ldmkit.eval.attributes import attribute_classifier_path  # (imports Lightning: ~15 s, paid once, here)
+    # The sampling at the end imports Lightning & co. (~15 s of one core): do it while the stages
+    # train rather than after them.
+    threading.Thread(target=importlib.import_module, args=("ldmkit.eval.heldout",), daemon=True).start()
 
     lane_threads = None if args.sequential else max(1, cpu_count() // 2)
     autoencoder = train_step("autoencoder", ["experiment=quickstart_autoencoder", f"logger={args.logger}"], out, lane_threads)
     clip = train_step("clip", ["experiment=quickstart_clip", f"logger={args.logger}"], out, lane_threads)
     judge_dir = out / "judge"
     judge = Step("judge", ["-m", "ldmkit.eval.attributes", "--cache-dir", str(judge_dir), "--resolution", str(JUDGE_RESOLUTION)],
-                 attribute_classifier_path(judge_dir, JUDGE_RESOLUTION), thread_env(lane_threads))
+                 None, thread_env(lane_threads))  # trains once, then reuses its file
     lanes = [[autoencoder, clip, judge]] if args.sequential else [[autoencoder], [clip, judge]]
     try:
         timings = run_lanes(lanes, out, args.force)

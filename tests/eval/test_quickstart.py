@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,12 @@ def test_finished_steps_are_reused_unless_forced(tmp_path):
     assert done.read_text() == "old"
     run_lanes([[python_step("s", writes(done, "new"), done)]], tmp_path, force=True)
     assert done.read_text().startswith("new")
+    # done=None: the step decides for itself, so it always runs
+    marker = tmp_path / "marker"
+    for _ in range(2):
+        timings = run_lanes([[python_step("t", f"import pathlib; p = pathlib.Path({str(marker)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')", None)]], tmp_path, force=False)
+        assert timings["t"] > 0
+    assert marker.read_text() == "xx"
 
 
 def test_step_shows_the_command_a_user_would_type():
@@ -56,9 +63,11 @@ def test_step_shows_the_command_a_user_would_type():
     assert step.shown() == "OMP_NUM_THREADS=1 python train.py experiment=quickstart_clip"
 
 
-def test_judge_command_trains_once_then_reuses(tmp_path):
+def test_judge_command_trains_once_then_reuses(tmp_path, caplog):
     assert judge_main(["--cache-dir", str(tmp_path), "--resolution", "32", "--steps", "2"]) == 0
     (weights,) = tmp_path.glob("*.safetensors")
     stamp = weights.stat().st_mtime_ns
-    assert judge_main(["--cache-dir", str(tmp_path), "--resolution", "32", "--steps", "2"]) == 0
+    with caplog.at_level(logging.INFO, logger="ldmkit.eval.attributes"):
+        assert judge_main(["--cache-dir", str(tmp_path), "--resolution", "32", "--steps", "2"]) == 0
     assert weights.stat().st_mtime_ns == stamp
+    assert f"reusing {weights}" in caplog.text

@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    path = attribute_classifier_path(args.cache_dir, args.resolution, args.steps)
+    if path.is_file():
+        log.info("reusing %s", path)
     load_attribute_classifier(args.cache_dir, args.resolution, args.steps)
     return 0
 
