@@ -88,15 +88,12 @@ def attribute_accuracy(model: AttributeClassifier, images: torch.Tensor, attribu
     return out
 
 
-def attribute_classifier_path(cache_dir: str | Path, resolution: int = 32, steps: int = 300) -> Path:
-    return Path(cache_dir) / f"shapes_attribute_classifier_r{resolution}_s{steps}.safetensors"
-
-
 def load_attribute_classifier(cache_dir: str | Path, resolution: int = 32, steps: int = 300) -> AttributeClassifier:
     """The judge for `resolution`, trained once and cached as safetensors in `cache_dir`."""
-    path = attribute_classifier_path(cache_dir, resolution, steps)
+    path = Path(cache_dir) / f"shapes_attribute_classifier_r{resolution}_s{steps}.safetensors"
     model = AttributeClassifier()
     if path.is_file():
+        log.info("reusing %s", path)
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     start = time.perf_counter()
@@ -119,9 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    path = attribute_classifier_path(args.cache_dir, args.resolution, args.steps)
-    if path.is_file():
-        log.info("reusing %s", path)
     load_attribute_classifier(args.cache_dir, args.resolution, args.steps)
     return 0
 
