@@ -16,6 +16,21 @@ first-order (DDIM) step out of pure noise; no sampler uses that point for a high
 multistep history, because across an infinite λ or σ̃ interval those terms vanish (multistep weights,
 Lagrange bases) or are undefined (Heun/PLMS correctors). Steps into clean data (ᾱ = 1) are first order
 for the λ-based solvers (DPM-Solver++, UniPC), as in their papers.
+
+Effectively infinite noise. `cosine` and `sigmoid` clip β at 0.999 (Nichol & Dhariwal 2021, §3.2), so their
+last timestep is a finite stand-in for ᾱ(1) = 0: ᾱ_{T-1} = 2.4e-9 (σ̃ ≈ 2·10⁴) and 3.0e-7 (σ̃ ≈ 1.8·10³) at
+T = 1000. Heun's trapezoid and PLMS's warm-up/Adams–Bashforth terms (uniform in the step index) weight the
+change of ε̂ between the first two grid points by ≈ σ̃_0: on Gaussian data of std s the first step is then off
+by ≈ σ̃_0 s² / (4 σ̃_1³) of the sample std (1900% for Heun on cosine at 20 trailing steps), while the first-order
+step errs by s² / (2 σ̃_1²), as it does out of exact zero SNR. Along the probability-flow ODE ε̂ differs from its
+ᾱ = 0 value by a relative ≈ ᾱ s² / 2, ≤ 5·10⁻⁷ for unit-scale data at ᾱ ≤ 10⁻⁶ (σ̃ ≥ 10³): a few float32 ulps,
+nothing a correction can use. So `heun` and `plms` treat a first grid point with ᾱ ≤ `infinite_noise_alpha_bar`
+(default INFINITE_NOISE_ALPHA_BAR = 1e-6) as ᾱ = 0. The default sits between sigmoid's 3.0e-7 and the DDPM
+`linear` schedule's 4.0e-5 (σ̃ ≈ 157, where the corrections are accurate and agree with diffusers); Karras /
+exponential grids on zero-SNR schedules start at the 2^-24 stand-in and take the same first-order step (their
+correction there is ~1e-8 relative). `infinite_noise_alpha_bar=0` restores the plain methods (what diffusers and
+k-diffusion do). LMS, DPM-Solver++ and UniPC need no rule: their weight on the first point vanishes as
+σ̃_0/σ̃_1 grows (Lagrange basis in σ̃, step ratio in λ), and they stay accurate there.
 """
 
 from __future__ import annotations
@@ -32,6 +47,8 @@ Denoiser = Callable[[Tensor, NoiseLevel], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
+INFINITE_NOISE_ALPHA_BAR = 1e-6  # see the module docstring, "Effectively infinite noise"
+
 
 def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     """N(0, I) shaped like x; a sequence of generators draws sample i from generator i (edm's
@@ -46,6 +63,11 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
 def _eps(x: Tensor, x0: Tensor, level: NoiseLevel) -> Tensor:
     """ε̂ = (x - α x̂_0)/σ, which is also dx̃/dσ̃ of the probability-flow ODE (Karras et al. 2022, eq. 3)."""
     return (x - level.alpha * x0) / level.sigma
+
+
+def _at_infinite_noise(i: int, level: NoiseLevel, threshold: float) -> bool:
+    """Step i starts at ᾱ = 0 or, being the first step, at effectively infinite noise (module docstring)."""
+    return level.alpha_bar == 0 or (i == 0 and level.alpha_bar <= threshold)
 
 
 def _report(callback: Callback | None, i: int, n: int, x: Tensor, x0: Tensor) -> None:
@@ -125,16 +147,18 @@ def sample_euler_ancestral(denoiser: Denoiser, x: Tensor, schedule: Schedule, st
 
 
 def sample_heun(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
-                generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+                infinite_noise_alpha_bar: float = INFINITE_NOISE_ALPHA_BAR, generator: Generator = None,
+                callback: Callback | None = None, **grid_options) -> Tensor:
     """Heun's 2nd-order method on dx̃/dσ̃ = ε̂ (Karras et al. 2022, Alg. 1, deterministic): an Euler
-    predictor, then the trapezoidal corrector, except into σ̃ = 0 (and out of σ̃ = ∞) where it is Euler.
-    2·steps - 1 model evaluations."""
+    predictor, then the trapezoidal corrector, except into σ̃ = 0 (and out of a first point at effectively
+    infinite noise, ᾱ ≤ `infinite_noise_alpha_bar`: module docstring) where it is Euler.
+    2·steps - 1 model evaluations (one fewer out of infinite noise)."""
     grid = sampling_grid(schedule, steps, **grid_options)
     for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
         x0 = denoiser(x, cur)
         eps = _eps(x, x0, cur)
         x_euler = _ddim_step(x0, eps, nxt)
-        if nxt.is_clean or cur.alpha_bar == 0:
+        if nxt.is_clean or _at_infinite_noise(i, cur, infinite_noise_alpha_bar):
             x = x_euler
         else:
             eps_next = _eps(x_euler, denoiser(x_euler, nxt), nxt)
@@ -190,16 +214,19 @@ def _ddim_transfer(x: Tensor, eps: Tensor, cur: NoiseLevel, nxt: NoiseLevel) -> 
 
 
 def sample_plms(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
-                generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
+                infinite_noise_alpha_bar: float = INFINITE_NOISE_ALPHA_BAR, generator: Generator = None,
+                callback: Callback | None = None, **grid_options) -> Tensor:
     """PLMS / PNDM (Liu et al. 2022, eqs. 9, 12): 4th-order Adams–Bashforth on ε̂ (uniform in the step index)
     through the DDIM transfer; the first step is a pseudo improved Euler step (one extra evaluation), as in
-    LDM's PLMS and diffusers' PNDM with `skip_prk_steps`. steps + 1 model evaluations (steps when steps = 1)."""
+    LDM's PLMS and diffusers' PNDM with `skip_prk_steps`. steps + 1 model evaluations (steps when steps = 1).
+    Out of (effectively) infinite noise, ᾱ ≤ `infinite_noise_alpha_bar` (module docstring), the first step is
+    the exact DDIM step and the warm-up starts at the second point."""
     grid = sampling_grid(schedule, steps, **grid_options)
     history: list[Tensor] = []  # ε̂, newest last
     for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
         x0 = denoiser(x, cur)
         eps = _eps(x, x0, cur)
-        if cur.alpha_bar == 0:  # out of pure noise: exact DDIM step, PLMS warm-up starts at the next point
+        if _at_infinite_noise(i, cur, infinite_noise_alpha_bar):  # exact DDIM step; no history from this point
             x = _ddim_step(x0, eps, nxt)
             _report(callback, i, steps, x, x0)
             continue
@@ -327,7 +354,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 
 def nfe(sampler: str, steps: int, *, from_zero_snr: bool = False) -> int:
-    """Model evaluations `sampler` makes in `steps` steps (`from_zero_snr`: the grid starts at ᾱ = 0)."""
+    """Model evaluations `sampler` makes in `steps` steps (`from_zero_snr`: the grid starts at ᾱ = 0, or at
+    effectively infinite noise, ᾱ ≤ INFINITE_NOISE_ALPHA_BAR, as trailing grids on `cosine`/`sigmoid` do)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     if sampler == "heun":
