@@ -30,6 +30,8 @@ def test_weightings_mean_the_same_objective_for_every_parameterisation(weighting
         snr = SCHEDULE.snr[t]
         if weighting == "uniform":
             expected = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+        elif weighting == "min_snr" and prediction != "eps":  # the documented floor (losses.py docstring)
+            expected = snr.clamp(min=1.0, max=5.0)
         else:
             expected = {"min_snr": snr.clamp(max=5.0), "snr": snr, "edm": snr + 1 / 0.5**2}[weighting]
         assert loss.shape == (64,) and t.shape == (64,) and t.dtype == torch.long
@@ -42,11 +44,35 @@ def test_min_snr_weights_match_hang_et_al():
     eps = loss_weight("min_snr", snr, "eps", min_snr_gamma=gamma)
     assert torch.allclose(eps[1:], torch.minimum(snr, torch.tensor(gamma))[1:] / snr[1:])
     assert eps[0] == 1.0  # the SNR -> 0 limit, not 0/0
-    v = loss_weight("min_snr", snr, "v", min_snr_gamma=gamma)
+    v = loss_weight("min_snr", snr, "v", min_snr_gamma=gamma, min_snr_floor=0.0)
     assert torch.allclose(v, torch.minimum(snr, torch.tensor(gamma)) / (snr + 1))
-    assert torch.allclose(loss_weight("min_snr", snr, "x0", min_snr_gamma=gamma), snr.clamp(max=gamma))
+    assert torch.allclose(loss_weight("min_snr", snr, "x0", min_snr_gamma=gamma, min_snr_floor=0.0), snr.clamp(max=gamma))
     # σ_data = 1: the EDM weighting is exactly v-prediction's plain MSE
     assert torch.allclose(loss_weight("edm", snr, "v", sigma_data=1.0), torch.ones_like(snr))
+
+
+def test_min_snr_floor_keeps_zero_terminal_snr_timesteps_trained():
+    # Hang et al.'s v-weight min(SNR, γ)/(SNR + 1) is exactly 0 at the zero-SNR timestep every trailing sampler
+    # starts from (and <= 3e-3 for t >= 900); the default floor holds the x0-space weight at 1 below SNR = 1.
+    zsnr = make_schedule("scaled_linear", zero_terminal_snr=True)
+    snr = zsnr.snr
+    hang = loss_weight("min_snr", snr, "v", min_snr_floor=0.0)
+    floored = loss_weight("min_snr", snr, "v")
+    assert hang[-1] == 0 and hang[900:].max() < 3e-3  # the hazard, reproduced
+    assert floored[-1] == 1.0 and floored[900:].min() > 0.99 and floored[900:].min() > floored.mean()
+    assert torch.equal(floored[snr >= 1], hang[snr >= 1])  # Hang et al. unchanged from SNR = 1 up
+    assert torch.allclose(loss_weight("min_snr", snr, "x0"), snr.clamp(min=1.0, max=5.0))
+    assert torch.equal(loss_weight("min_snr", snr, "eps"), loss_weight("min_snr", snr, "eps", min_snr_floor=0.0))
+    # through the loss: an x̂_0 error at the noisiest timesteps (SNR < 2e-3 for t >= 950) costs its full weight
+    x0 = torch.randn(1024, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for floor, positive in ((1.0, True), (0.0, False)):
+        loss, t = DenoisingLoss(prediction="v", weighting="min_snr", min_snr_floor=floor)(
+            _model_with_x0_error(x0, torch.ones_like(x0), "v", zsnr), x0, zsnr, cond="text",
+            generator=torch.Generator().manual_seed(2))
+        last = loss[t >= 950]
+        assert last.numel() > 20 and bool((last > 0.99).all()) == positive and bool((last < 2e-3).all()) != positive
+    with pytest.raises(ValueError, match="min_snr_floor must lie in"):
+        DenoisingLoss(prediction="v", weighting="min_snr", min_snr_gamma=5.0, min_snr_floor=6.0)
 
 
 def test_timestep_sampling():

@@ -8,9 +8,19 @@ chosen prediction's space, so the same `weighting` means the same objective what
 (Hang et al. 2023, §3.3; Kingma & Gao 2023): with SNR = ᾱ/(1 - ᾱ),
     ||ε̂ - ε||² = SNR ||x̂_0 - x_0||²,   ||v̂ - v||² = (SNR + 1) ||x̂_0 - x_0||².
     uniform   w = 1 on the prediction's own MSE ("simple" loss, Ho et al. 2020) - no conversion.
-    min_snr   w_x0 = min(SNR, γ)                     (Hang et al. 2023, eq. 9)
+    min_snr   w_x0 = min(SNR, γ)                     (Hang et al. 2023, eq. 9); for v and x0 predictions
+              floored: w_x0 = max(min(SNR, γ), floor), floor = `min_snr_floor` = 1 (see below)
     snr       w_x0 = SNR  (= plain ε-MSE for any parameterisation)
     edm       w_x0 = (σ̃² + σ_data²) / (σ̃ σ_data)²  = SNR + 1/σ_data²   (Karras et al. 2022, λ(σ) in Table 1)
+
+The min-SNR floor. Unfloored, min-SNR gives a v- or x0-network weight SNR -> 0 as SNR -> 0: on a
+zero-terminal-SNR schedule the last timestep, where every trailing sampler makes its first x̂_0 (x̂_0 = -v̂
+there), gets exactly zero weight and t >= 900 at most 3e-3 (mean 0.28), so the model is barely trained where
+zero terminal SNR was meant to help. Below SNR = `min_snr_floor` (default 1) the x0-space weight is held at the
+floor, which at SNR = 0 is what the plain v-loss gives (w_x0 = SNR + 1; Lin et al. 2023 train zero-SNR models
+with it); diffusers' training examples floor the velocity objective the same way. At SNR >= floor it is Hang
+et al. unchanged; `min_snr_floor=0` is Hang et al. everywhere. eps-prediction keeps min(SNR, γ)/SNR (-> 1, its
+plain loss): a floor there would be an infinite ε-weight at SNR = 0, where ε̂ says nothing about x_0 anyway.
 """
 
 from __future__ import annotations
@@ -59,7 +69,8 @@ def x0_error_scale(snr: Tensor, prediction: str) -> Tensor:
 
 
 def loss_weight(
-    weighting: str, snr: Tensor, prediction: str, *, min_snr_gamma: float = 5.0, sigma_data: float = 0.5
+    weighting: str, snr: Tensor, prediction: str, *, min_snr_gamma: float = 5.0, min_snr_floor: float = 1.0,
+    sigma_data: float = 0.5,
 ) -> Tensor:
     """Weight on the prediction-space MSE so that the objective is `weighting` (see module docstring).
     SNR = 0 (zero-terminal-SNR timestep) gets the limit value where it is finite."""
@@ -68,9 +79,10 @@ def loss_weight(
     if weighting == "uniform":
         return torch.ones_like(snr)
     if weighting == "min_snr":
+        _check_min_snr(min_snr_gamma, min_snr_floor)
         if prediction == "eps":  # min(SNR, γ)/SNR written so that SNR = 0 gives its limit 1
             return (min_snr_gamma / snr).clamp(max=1.0)
-        return snr.clamp(max=min_snr_gamma) / x0_error_scale(snr, prediction)
+        return snr.clamp(min=min_snr_floor, max=min_snr_gamma) / x0_error_scale(snr, prediction)
     if weighting == "snr":
         if prediction == "eps":
             return torch.ones_like(snr)
@@ -82,6 +94,12 @@ def loss_weight(
     raise ValueError(f"Unknown loss weighting '{weighting}'; choose one of {', '.join(WEIGHTINGS)}.")
 
 
+def _check_min_snr(gamma: float, floor: float) -> None:
+    if not 0 <= floor <= gamma:
+        raise ValueError(f"min_snr_floor must lie in [0, min_snr_gamma={gamma}], got {floor}; "
+                         "1 (the default) keeps zero-SNR timesteps trained, 0 is Hang et al. 2023 exactly.")
+
+
 @dataclass
 class DenoisingLoss:
     """`loss_fn(model, x0, schedule, cond=..., generator=...) -> (per_sample_loss (B,), t (B,))`.
@@ -89,12 +107,14 @@ class DenoisingLoss:
     `model(x_t, t, cond)` returns the raw output in `prediction` parameterisation; t is a LongTensor.
     `offset_noise` adds offset · N(0, 1) per (sample, channel) to ε (Guttenberg 2023); it is part of
     the noise the model must predict. `input_perturbation` noises x_t with ε + γ·ξ while the target
-    keeps ε (Ning et al. 2023, DDPM-IP). `edm_sigma_data` is σ_data of the `edm` weighting.
+    keeps ε (Ning et al. 2023, DDPM-IP). `edm_sigma_data` is σ_data of the `edm` weighting; `min_snr_floor`
+    the x0-space floor of `min_snr` for v/x0 predictions (module docstring).
     """
 
     prediction: str = "eps"
     weighting: str = "uniform"
     min_snr_gamma: float = 5.0
+    min_snr_floor: float = 1.0
     timestep_sampling: str = "uniform"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
@@ -107,6 +127,8 @@ class DenoisingLoss:
         self.weighting = _WEIGHTING_ALIASES.get(self.weighting, self.weighting)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"Unknown loss weighting '{self.weighting}'; choose one of {', '.join(WEIGHTINGS)}.")
+        if self.weighting == "min_snr":
+            _check_min_snr(self.min_snr_gamma, self.min_snr_floor)
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(
                 f"Unknown timestep sampling '{self.timestep_sampling}'; choose one of {', '.join(TIMESTEP_SAMPLINGS)}."
@@ -140,6 +162,7 @@ class DenoisingLoss:
         mse = (pred.float() - goal.float()).square().flatten(1).mean(1)  # (B,)
         snr = alpha_bar / (1 - alpha_bar)
         weight = loss_weight(
-            self.weighting, snr, self.prediction, min_snr_gamma=self.min_snr_gamma, sigma_data=self.edm_sigma_data
+            self.weighting, snr, self.prediction, min_snr_gamma=self.min_snr_gamma, min_snr_floor=self.min_snr_floor,
+            sigma_data=self.edm_sigma_data,
         )
         return mse * weight.to(mse.dtype), t
