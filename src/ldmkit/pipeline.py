@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmkit.artifacts import ArtifactError
+from ldmkit.lit.callbacks import EXIT_PREEMPTED
 from ldmkit.lit.checkpointing import restart_resume_path, trainer_plugins, wandb_resume_overrides
 from ldmkit.lit.distributed import finish_job
+from ldmkit.lit.run_folder import acquire_run_folder, release_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +96,32 @@ def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a Lightning checkpoint with `weights_only=True`, turning corruption into a clear error."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
+    except pickle.UnpicklingError as err:
+        message = str(err).lower()
+        if "weights only load failed" not in message or not ("unsupported" in message or "global" in message):
+            raise _unreadable_checkpoint(path, err) from err
+        # not damage: the pickle names a class/function, and loading it would run that code
+        found = next((line.strip() for line in str(err).splitlines() if "unsupported" in line.lower()), "")
         raise ConfigError(
-            f"Checkpoint '{path}' cannot be loaded ({type(err).__name__}: {err}). It is truncated or corrupt "
-            "(e.g. the run was killed while saving). Resume from an earlier checkpoint in the same folder "
-            "(ckpt_path=.../step_XXXXXXX.ckpt) or start fresh without ckpt_path."
-        ) from err
+            f"Checkpoint '{path}' was refused on purpose: loading it would need to run arbitrary code "
+            f"(it pickles objects that are not tensors or plain data{': ' + found if found else ''}), and ldmkit only "
+            "loads checkpoints with torch.load(weights_only=True). It is not truncated. If you trust where it came from, "
+            "re-save it with tensors and plain Python types only; otherwise do not use it. Resume from another "
+            "checkpoint (ckpt_path=.../step_XXXXXXX.ckpt) or start fresh without ckpt_path."
+        ) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors...
+        raise _unreadable_checkpoint(path, err) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"'{path}' is not a Lightning training checkpoint (no 'state_dict'). For stage outputs use the artifact folder instead.")
     return checkpoint
+
+
+def _unreadable_checkpoint(path: str | os.PathLike, err: BaseException) -> ConfigError:
+    return ConfigError(
+        f"Checkpoint '{path}' cannot be loaded ({type(err).__name__}: {err}). It is truncated or corrupt "
+        "(e.g. the run was killed while saving). Resume from an earlier checkpoint in the same folder "
+        "(ckpt_path=.../step_XXXXXXX.ckpt) or start fresh without ckpt_path."
+    )
 
 
 def _log_config(loggers: list[Logger], cfg: DictConfig) -> None:
@@ -133,7 +154,21 @@ def build(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit (and optionally test) the configured stage, export its artifact; return (metrics, objects)."""
+    """Fit (and optionally test) the configured stage, export its artifact; return (metrics, objects).
+
+    Holds the run folder's lock throughout (a second live run there is refused). A run stopped before
+    the end by a signal (preemption, time limit) raises `SIGTERMException(EXIT_PREEMPTED)`: the process
+    exits with status 75, without an artifact, so `train.py ... && train.py ...` stops there.
+    """
+    locked = acquire_run_folder(cfg.paths.output_dir)
+    try:
+        return _train(cfg)
+    finally:
+        if locked:
+            release_run_folder(cfg.paths.output_dir)
+
+
+def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # a requeued SLURM job / restarted torchrun worker continues from this run's last.ckpt unasked
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path") or restart_resume_path(cfg.paths.output_dir), cfg.paths.output_dir)
     if wandb_resume := wandb_resume_overrides(cfg.get("logger"), ckpt_path):  # continue the same W&B run
@@ -144,7 +179,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     _log_config(objects["loggers"], cfg)
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException as stop:  # PreemptionCheckpoint saved last.ckpt (or Lightning's own SIGTERM handling)
+            log.warning("Stopped before the end: no artifact written; exit status %d. Resume with ckpt_path=last "
+                        "(or ckpt_path=%s).", EXIT_PREEMPTED, Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+            raise SIGTERMException(EXIT_PREEMPTED) from stop
     metrics = _scalar_metrics(trainer.callback_metrics)
 
     if cfg.get("export", True) and hasattr(model, "export_artifact") and not trainer.interrupted:

@@ -38,6 +38,10 @@ from ldmkit.lit.checkpointing import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 
+# Exit status of a run stopped before its end by a signal (preemption, SLURM time limit): EX_TEMPFAIL from
+# sysexits.h, "try again later". Non-zero so `train.py ... && train.py ...` stops; last.ckpt holds the resume point.
+EXIT_PREEMPTED = 75
+
 
 def _meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint.setdefault(CHECKPOINT_KEY, {})
@@ -195,8 +199,8 @@ class PreemptionCheckpoint(Callback):
     ranks, the local launcher only rank 0; either is enough), so they all save and stop at the same
     step. After the save, rank 0 requeues the job when the signal is the SLURM environment's
     `requeue_signal` with `auto_requeue` (see `ldmkit.lit.checkpointing.trainer_plugins`), and every
-    rank raises Lightning's `SIGTERMException`: the run ends as interrupted, so `pipeline.train`
-    neither exports an artifact nor tests, and the process exits with status 0.
+    rank raises Lightning's `SIGTERMException(EXIT_PREEMPTED)`: the run ends as interrupted, so `pipeline.train`
+    neither exports an artifact nor tests, and the process exits with status 75 (`EXIT_PREEMPTED`).
 
     The handlers replace Lightning's for the duration of training only (installed in
     `on_train_start`, restored in `on_train_end` / `on_exception`).
@@ -292,7 +296,7 @@ class PreemptionCheckpoint(Callback):
             and self.received == environment.requeue_signal
         ):
             requeue_slurm_job()
-        raise SIGTERMException()
+        raise SIGTERMException(EXIT_PREEMPTED)
 
 
 # -------------------------------------------------------------------------------- non-finite

@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -49,39 +52,112 @@ def _is_local(path: str | os.PathLike) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CheckpointDiskFullError(OSError):
+    """The disk filled up while a checkpoint was written; the previous checkpoint is untouched."""
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """`<dir>/.<name>.<host>-<pid>.tmp`: whose temp file it is, so cleanup can tell a dead writer's from a live one's."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete temp files of `path` left by writers that died mid-save (same host, PID gone); keep live writers'.
+
+    A temp file from another host (shared filesystem) or in an unknown format is never touched.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(?P<host>[A-Za-z0-9_-]+)-)?(?P<pid>\d+)\.tmp")
+    removed = []
+    for candidate in path.parent.glob(f".{path.name}.*.tmp"):
+        match = pattern.fullmatch(candidate.name)
+        if match is None or match["host"] not in (None, _HOST):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or not _pid_alive(pid):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError a write raised: torch.save's zip writer swallows it and
+    reports only `unexpected pos N vs M`, which hides a full disk."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, ...: the file's own
+        return getattr(self.file, name)
+
+
+def _disk_full(path: Path, err: OSError) -> CheckpointDiskFullError:
+    return CheckpointDiskFullError(
+        errno.ENOSPC,
+        f"No space left on device while saving checkpoint '{path}' ({err}). The previous checkpoint at that path "
+        "is intact (the new one was being written to a temporary file, now removed). Free space on that disk, or "
+        "write checkpoints elsewhere (paths.log_dir=... or hydra.run.dir=... on a larger disk), then resume with "
+        f"ckpt_path={path}",
+    )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` that writes `<dir>/.<name>.<pid>.tmp`, fsyncs it, then renames it over `<dir>/<name>`.
+    """`TorchCheckpointIO` that writes `<dir>/.<name>.<host>-<pid>.tmp`, fsyncs it, then renames it over `<dir>/<name>`.
 
     Streams straight to disk (no second in-memory copy of the checkpoint). Remote paths (s3://...)
     fall back to Lightning's fsspec transaction, whose object-store upload is already all-or-nothing.
+    A full disk raises `CheckpointDiskFullError` saying so (torch alone says `unexpected pos`).
     """
 
     def __init__(self, fsync: bool = True) -> None:
         super().__init__()
         self.fsync = fsync
 
-    @staticmethod
-    def temp_path(path: str | os.PathLike) -> Path:
-        path = Path(path)
-        return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp_path = staticmethod(temp_path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(str(path).removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
-            stale.unlink(missing_ok=True)
+        remove_stale_temp_files(path)  # left by a process killed mid-save; another live run's are kept
         tmp = self.temp_path(path)
+        recorder = None
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                recorder = _WriteRecorder(f)
+                torch.save(checkpoint, recorder)
                 f.flush()
                 if self.fsync:
                     os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX and Windows within one filesystem
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            cause = recorder.error if recorder is not None and recorder.error is not None else err
+            if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+                raise _disk_full(path, cause) from err
             raise
         if self.fsync:
             _fsync_dir(path.parent)  # make the rename itself durable
@@ -90,7 +166,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
     """Point `link` at `target` (relative), replacing whatever `link` was in one rename; copy where symlinks fail."""
     link = Path(link)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp = temp_path(link)
     tmp.unlink(missing_ok=True)
     try:
         os.symlink(os.path.relpath(target, link.parent), tmp)
