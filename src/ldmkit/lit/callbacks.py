@@ -402,7 +402,7 @@ class SharedRunDirCheck(Callback):
     """Fail fast when ranks would write into different run folders.
 
     With torchrun or `srun python train.py` every rank runs Hydra itself and, with the default
-    timestamped `hydra.run.dir`, may pick its own folder; Lightning's own launcher (trainer.devices=N)
+    unique default `hydra.run.dir`, picks its own folder; Lightning's own launcher (trainer.devices=N)
     and the submitit launcher pass one folder to all ranks.
     """
 
@@ -415,7 +415,7 @@ class SharedRunDirCheck(Callback):
             return
         raise RuntimeError(
             f"Rank {trainer.global_rank} writes to '{mine}' but rank 0 to '{rank0}': every process ran Hydra itself "
-            "(torchrun / srun) and picked its own timestamped run folder. Give all ranks the same folder, e.g. "
+            "(torchrun / srun) and picked its own unique run folder. Give all ranks the same folder, e.g. "
             "`hydra.run.dir=logs/train/ldm/runs/$SLURM_JOB_ID` (or $TORCHELASTIC_RUN_ID), or let Lightning start the "
             "processes (trainer.devices=N) or use hydra/launcher=slurm."
         )
