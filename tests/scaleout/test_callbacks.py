@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import WandbLogger
 
 from ldmkit.lit.callbacks import (
+    EXIT_PREEMPTED,
     LoggerRunIds,
     NonFiniteGuard,
     NonFiniteTrainingError,
@@ -175,7 +176,7 @@ def test_signal_saves_last_checkpoint_and_stops(tmp_path, signum):
     model_checkpoint = periodic_checkpoint(tmp_path / "ckpt")
     with pytest.raises(SystemExit) as exit_info:
         fit(tmp_path, 50, [preemption, model_checkpoint, SendSignal(signum, at_step=7)])
-    assert exit_info.value.code in (None, 0)
+    assert exit_info.value.code == EXIT_PREEMPTED == 75
     assert preemption.received == signum
     last = tmp_path / "ckpt" / "last.ckpt"
     assert preemption.saved_path == str(last)
