@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from ldmkit.nn.backbones.mmdit import (
+    MMDIT_PRESETS,
+    MMDiT,
+    MMDiTConfig,
+    diffusers_sd3_kwargs,
+    mmdit_from_preset,
+    state_dict_from_diffusers,
+)
+from tests.nn.backbones import helpers
+from tests.nn.backbones.helpers import MASK, count, inputs, randomized
+
+TINY = dict(
+    in_channels=4, out_channels=4, sample_size=8, patch_size=2, width=64, depth=3, num_heads=4, context_dim=24,
+    pooled_dim=12, pos_embed_max_size=16,
+)
+
+EXPECTED_PARAMS = {"tiny": 3_513_604, "small": 111_741_968, "sd3_medium": 2_028_328_000}
+
+# stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (architecture fields).
+SD3_MEDIUM_DIFFUSERS_CONFIG = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+
+
+def sd3_pair(cfg: MMDiTConfig):
+    """diffusers' SD3Transformer2DModel with random weights and ldmkit's MMDiT loaded from it."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    reference = randomized(SD3Transformer2DModel(**diffusers_sd3_kwargs(cfg))).eval()
+    model = MMDiT(cfg).eval()
+    model.load_state_dict(state_dict_from_diffusers(reference.state_dict(), cfg), strict=True)
+    return reference, model
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"qk_norm": True, "depth": 1}, {"pooled_dim": None, "in_channels": 3, "out_channels": 6}],
+    ids=["base", "qknorm-depth1", "no-pooled-channels"],
+)
+def test_output_shape(patch_size, overrides):
+    cfg = MMDiTConfig(**{**TINY, "patch_size": patch_size, **overrides})
+    model = randomized(MMDiT(cfg))
+    x, t, context, pooled = inputs(cfg, size=(8, 12))
+    out = model(x, t, context, pooled)
+    assert out.shape == (2, cfg.out_channels, 8, 12)
+    assert torch.isfinite(out).all()
+    assert (model.in_channels, model.out_channels, model.patch_size) == (cfg.in_channels, cfg.out_channels, patch_size)
+
+
+def test_fresh_model_predicts_zero_and_last_text_stream_is_context_only():
+    cfg = MMDiTConfig(**TINY)
+    model = MMDiT(cfg)
+    assert not model(*inputs(cfg)).any()
+    *body, last = model.blocks
+    assert last.text.out is None and last.text.mlp is None and last.text.modulation.out_features == 2 * cfg.width
+    assert all(b.text.out is not None and b.text.mlp is not None for b in body)
+
+
+@pytest.mark.parametrize("name", sorted(MMDIT_PRESETS))
+def test_preset_parameter_counts(name):
+    with torch.device("meta"):
+        model = mmdit_from_preset(name)
+    assert count(model) == EXPECTED_PARAMS[name]
+
+
+def test_sd3_medium_preset_has_the_parameter_count_of_diffusers_sd3_medium():
+    from diffusers import SD3Transformer2DModel
+
+    assert diffusers_sd3_kwargs(MMDIT_PRESETS["sd3_medium"]) == {**SD3_MEDIUM_DIFFUSERS_CONFIG, "qk_norm": None}
+    with torch.device("meta"):
+        reference = SD3Transformer2DModel(**SD3_MEDIUM_DIFFUSERS_CONFIG)
+        ours = mmdit_from_preset("sd3_medium")
+    print(f"parameters: ldmkit MMDiT sd3_medium {count(ours):,}, diffusers SD3Transformer2DModel {count(reference):,}")
+    assert count(ours) == count(reference) == 2_028_328_000
+    mapped = state_dict_from_diffusers(reference.state_dict(), ours.config)
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+
+
+@pytest.mark.parametrize("patch_size, qk_norm", [(1, False), (2, True), (4, False)])
+def test_matches_diffusers_sd3_with_converted_weights(patch_size, qk_norm):
+    """Numerical truth from outside: diffusers' SD3Transformer2DModel with the same weights, on a square and a
+    non-square latent grid (centre crops of the position table)."""
+    cfg = MMDiTConfig(**{**TINY, "patch_size": patch_size, "qk_norm": qk_norm})
+    reference, model = sd3_pair(cfg)
+    x, t, context, pooled = inputs(cfg, size=(8, 12))
+    with torch.no_grad():
+        for xs in (x[..., :8], x):
+            expected = reference(xs, context, pooled, t).sample
+            out = model(xs, t, context, pooled)
+            delta = (out - expected).abs().max().item()
+            print(f"patch {patch_size}, qk_norm {qk_norm}, latents {tuple(xs.shape)}: max |ldmkit - diffusers| = {delta:.2e}")
+            assert delta <= 1e-5 and expected.abs().max() > 0.1
+
+
+def test_all_true_mask_is_no_mask():
+    cfg = MMDiTConfig(**TINY)
+    model = randomized(MMDiT(cfg)).eval()
+    x, t, context, pooled = inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, context, pooled, torch.ones(2, 5, dtype=torch.bool)),
+                                   model(x, t, context, pooled), rtol=1e-5, atol=1e-6)
+
+
+def test_context_mask_hides_tokens():
+    cfg = MMDiTConfig(**TINY)
+    helpers.check_mask_hides_tokens(randomized(MMDiT(cfg)).eval(), cfg)
+
+
+def test_pooled_embedding_and_time_change_output():
+    cfg = MMDiTConfig(**TINY)
+    model = randomized(MMDiT(cfg)).eval()
+    x, t, context, pooled = inputs(cfg)
+    with torch.no_grad():
+        out = model(x, t, context, pooled)
+        assert not torch.allclose(model(x, t, context, pooled + 1), out, atol=1e-4)
+        assert not torch.allclose(model(x, t + 1, context, pooled), out, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_identical_outputs_and_grads():
+    cfg = MMDiTConfig(**TINY, qk_norm=True)
+    helpers.check_gradient_checkpointing(randomized(MMDiT(cfg)), cfg)
+
+
+def test_bf16_autocast_forward_backward():
+    cfg = MMDiTConfig(**TINY, qk_norm=True)
+    helpers.check_bf16_autocast(randomized(MMDiT(cfg)), cfg)
+
+
+def test_a_few_adamw_steps_fit_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = MMDiTConfig(**TINY)
+    helpers.check_fits_a_fixed_batch(MMDiT(cfg), cfg)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager():
+    cfg = MMDiTConfig(**{**TINY, "depth": 2, "qk_norm": True})
+    helpers.check_compiled_matches_eager(randomized(MMDiT(cfg)), cfg, backend="inductor")
+
+
+def test_torch_compile_captures_one_graph():
+    cfg = MMDiTConfig(**{**TINY, "depth": 2})
+    helpers.check_compiled_matches_eager(randomized(MMDiT(cfg)), cfg, backend="aot_eager")
+
+
+def test_config_round_trips_through_json_and_mappings():
+    cfg = dataclasses.replace(MMDIT_PRESETS["small"], qk_norm=True)
+    assert MMDiTConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    assert MMDiT(TINY).config == MMDiT(**TINY).config == MMDiTConfig(**TINY)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: mmdit_from_preset("huge"), "choose one of"),
+        (lambda: mmdit_from_preset("tiny", heads=3), "unknown MMDiTConfig fields"),
+        (lambda: MMDiTConfig(**{**TINY, "num_heads": 3}), "num_heads=3"),
+        (lambda: MMDiTConfig(**{**TINY, "context_dim": None}), "attends jointly to text tokens"),
+        (lambda: MMDiTConfig(**{**TINY, "pos_embed_max_size": 3}), "smaller than sample_size"),
+    ],
+)
+def test_config_errors_say_what_to_fix(build, match):
+    with pytest.raises((ValueError, KeyError, TypeError), match=match):
+        build()
+
+
+def test_forward_errors_say_what_to_fix():
+    cfg = MMDiTConfig(**TINY)
+    model = MMDiT(cfg)
+    x, t, context, pooled = inputs(cfg)
+    with pytest.raises(ValueError, match="larger than the position table's 16x16 .*raise pos_embed_max_size"):
+        model(torch.randn(1, 4, 34, 8), t[:1], context[:1], pooled[:1])
+    with pytest.raises(ValueError, match="needs context of shape .* text encoder's width"):
+        model(x, t, context[..., :16], pooled)
+    with pytest.raises(ValueError, match="patch_size=2 needs H and W divisible by 2"):
+        model(x[..., :7], t, context, pooled)
+    with pytest.raises(ValueError, match="context_mask must be a bool"):
+        model(x, t, context, pooled, MASK[:, :4])
+
+
+def test_dual_attention_checkpoints_are_refused_before_loading():
+    cfg = MMDiTConfig(**TINY)
+    state = {"context_embedder.weight": torch.zeros(cfg.width, cfg.context_dim),
+             "transformer_blocks.0.attn2.to_q.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="dual-attention"):
+        state_dict_from_diffusers(state, cfg)
+    with pytest.raises(ValueError, match="width is 64"):
+        state_dict_from_diffusers({"context_embedder.weight": torch.zeros(32, 24)}, cfg)
