@@ -33,7 +33,7 @@ def test_cli_writes_img2dataset_layout(tmp_path, capsys):
     with pytest.raises(SystemExit, match="overwrite=true"):
         main(argv)
     assert len(main([*argv, "overwrite=true", "num_samples=5"])) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["00000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "export_shards.json"]
 
 
 def test_cli_exports_digits_whole_split(tmp_path):

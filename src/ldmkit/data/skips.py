@@ -4,13 +4,20 @@ What is counted (per reason, see `SKIP_REASONS`):
 
 - ``decode_error``: image bytes / file that PIL cannot decode (garbage, truncated, unsupported).
 - ``missing_image``: a shard sample with no ``jpg``/``jpeg``/``png``/``webp`` member.
-- ``shard_error``: a shard that could not be opened or read to the end (missing file, truncated or
-  garbage tar), counted once per read of that shard. The samples after the failure point are
-  lost and are *not* counted individually (their number is unknown). A tar cut exactly between
-  two members cannot be told from a complete one; its last sample may then lack its .txt/.json.
+- ``shard_error``: a shard that could not be opened or read to the end (missing file, garbage tar,
+  a tar cut inside a member, inside a header or between two members: a complete tar ends with
+  its end-of-archive block, see `ldmkit.data.shard_reader`), counted once per read of that shard.
+  The samples after the failure point are lost and are *not* counted individually (their number
+  is unknown); the last sample before a cut may lack its .txt/.json.
+- ``missing_caption``: a sample with no caption (no / empty ``.txt`` and no caption in its
+  ``.json``; an image-folder file with no / empty caption and no ``data.default_caption``),
+  skipped under ``data.missing_caption=skip`` (the default).
 - ``too_small`` / ``bad_aspect``: samples removed by the optional ``min_size`` /
   ``max_aspect_ratio`` filters (not errors, but reported so a filter that eats everything is visible).
 - ``unreadable_file``: an image-folder file that cannot be opened at all (permissions, vanished).
+- ``kept_without_caption``: not a skip: a sample with no caption that was *kept* and trained on
+  the empty caption because ``data.missing_caption=empty``; counted so that unconditional
+  training on them is visible, but left out of ``total`` (which counts dropped samples).
 
 Counts are events: a map-style dataset (imagefolder) counts a broken file each time its index is
 requested, i.e. once per epoch; a resampled stream counts a broken shard each time it is drawn.
@@ -32,7 +39,12 @@ from torch.utils.data import get_worker_info
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("decode_error", "missing_image", "shard_error", "too_small", "bad_aspect", "unreadable_file")
+SKIP_REASONS = (
+    "decode_error", "missing_image", "shard_error", "too_small", "bad_aspect", "unreadable_file", "missing_caption",
+    "kept_without_caption",
+)
+KEPT_REASONS = ("kept_without_caption",)  # counted, but the sample was used: not in ``total``
+MISSING_CAPTION_POLICIES = ("skip", "empty", "error")
 MAX_WORKER_SLOTS = 64
 
 
@@ -56,20 +68,21 @@ class SkipCounter:
         if in_slot <= self.warn_first or (in_slot & (in_slot - 1)) == 0:
             where = "main process" if info is None else f"worker {info.id}"
             detail = f": {str(error)[:200]}" if error else ""
+            verb = "kept sample" if reason in KEPT_REASONS else "skipped sample"
             log.warning(
-                "%s: skipped sample %r (%s%s); %d skipped so far in %s",
-                self.name, key, reason, detail, in_slot, where,
+                "%s: %s %r (%s%s); %d counted so far in %s",
+                self.name, verb, key, reason, detail, in_slot, where,
             )
 
     def totals(self) -> dict[str, int]:
         """Counts per reason over all workers of this process, plus ``total``."""
-        per_reason = self.counts.sum(dim=0).tolist()
-        totals = dict(zip(SKIP_REASONS, per_reason))
-        totals["total"] = sum(per_reason)
+        totals = dict(zip(SKIP_REASONS, self.counts.sum(dim=0).tolist()))
+        totals["total"] = sum(v for k, v in totals.items() if k not in KEPT_REASONS)
         return totals
 
     def total(self) -> int:
-        return int(self.counts.sum())
+        """Samples dropped (the kept reasons left out)."""
+        return self.totals()["total"]
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -77,3 +90,25 @@ class SkipCounter:
     def __repr__(self) -> str:
         nonzero = {k: v for k, v in self.totals().items() if v}
         return f"SkipCounter({self.name!r}, {nonzero})"
+
+
+class MissingCaptionError(ValueError):
+    """A sample without a caption under ``data.missing_caption=error``."""
+
+
+def check_missing_caption_policy(policy: str, source: str) -> str:
+    if policy not in MISSING_CAPTION_POLICIES:
+        raise ValueError(
+            f"{source}: data.missing_caption must be one of {MISSING_CAPTION_POLICIES}, got {policy!r} "
+            "(skip: drop and count samples without a caption; empty: train on them with the caption \"\"; "
+            "error: stop at the first one)"
+        )
+    return policy
+
+
+def missing_caption_error(source: str, key: str) -> MissingCaptionError:
+    return MissingCaptionError(
+        f"{source}: sample {key!r} has no caption and data.missing_caption=error. Give it a caption, or set "
+        "data.missing_caption=skip (drop and count such samples) or data.missing_caption=empty (train on them "
+        'with the caption "", i.e. unconditionally)'
+    )

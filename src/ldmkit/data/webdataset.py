@@ -12,9 +12,13 @@ workers). Val/test: a single ordered pass; shards are split across ranks, then w
 where there are fewer shards than readers the samples of a shard are split instead, so no sample
 is read twice and none is lost (ranks may see unequal counts).
 
-Bad data never stops training: unreadable shards, truncated tars, undecodable images and samples
-without an image are skipped and counted (see `ldmkit.data.skips`), and so are samples removed by
-the optional `min_size` / `max_aspect_ratio` filters.
+Bad data never stops training: unreadable shards, truncated tars (also those cut inside a header
+or between two members, see `ldmkit.data.shard_reader`), undecodable images and samples without an
+image are skipped and counted (see `ldmkit.data.skips`), and so are samples removed by the
+optional `min_size` / `max_aspect_ratio` filters. Samples without a caption follow
+`missing_caption`: ``skip`` (default, counted), ``empty`` (train on "", counted as kept) or
+``error``. Only a resampled stream whose every shard fails (or yields no usable sample) stops,
+with an error, instead of drawing them forever.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 from collections.abc import Iterator, Sequence
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -35,8 +42,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ldmkit.data.base import SPLITS, ImageTextDataModule
 from ldmkit.data.images import SkipSample, load_image_tensor
+from ldmkit.data.shard_reader import ShardErrors, tar_samples
 from ldmkit.data.shapes import sample_keys
-from ldmkit.data.skips import SkipCounter
+from ldmkit.data.skips import SkipCounter, check_missing_caption_policy, missing_caption_error
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -54,6 +62,25 @@ def is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
 
+def hydra_override(key: str, value: str) -> str:
+    """`key=value` as one shell word that Hydra's override parser reads back as the string `value`.
+
+    A shard pattern needs Hydra quotes (its braces would otherwise parse as a dict: "mismatched
+    input '{'") and shell quotes around those (so the shell keeps the Hydra quotes and does not
+    brace-expand the pattern itself).
+    """
+    quote = '"' if '"' not in value else "'"
+    # Inside Hydra quotes only the quote is escaped, and the backslashes right before a quote / the end.
+    value = re.sub(rf"(\\*)({quote}|$)", lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value)
+    return shlex.quote(f"{key}={quote}{value}{quote}")
+
+
+def shards_hint(folder: str | Path, count: int | None = None, option: str = "train_shards") -> str:
+    """`data=laion_subset data.OPTION="FOLDER/{00000..0000N}.tar"`, quoted to paste into a shell."""
+    pattern = f"{folder}/00000.tar" if count == 1 else f"{folder}/{{00000..{(count or 10) - 1:05d}}}.tar"
+    return f"data=laion_subset {hydra_override(f'data.{option}', pattern)}"
+
+
 def missing_data_message(name: str, option: str, pattern: object, urls: list[str]) -> str:
     example = urls[0] if urls else str(pattern)
     folder = str(Path(example).parent) if urls else "DATA_DIR/laion_subset"
@@ -64,8 +91,9 @@ def missing_data_message(name: str, option: str, pattern: object, urls: list[str
         f"    img2dataset --url_list laion_part.parquet --input_format parquet --url_col URL --caption_col TEXT \\\n"
         f"        --output_format webdataset --output_folder {folder} --image_size 256 \\\n"
         "        --resize_mode center_crop --processes_count 8 --enable_wandb False\n"
-        f"and point data.{option} at the shards it wrote (e.g. '{folder}/{{00000..00009}}.tar'), or write shards "
-        f"from the embedded dataset with `python -m ldmkit.data.export_shards data=shapes out={folder}`, "
+        f"and point data.{option} at the shards it wrote, e.g.\n    python train.py {shards_hint(folder, 10, option)}\n"
+        f"or write shards from the embedded dataset with "
+        f"`python -m ldmkit.data.export_shards data=shapes {shlex.quote(f'out={folder}')}`, "
         "or train without any download using data=shapes."
     )
 
@@ -99,14 +127,15 @@ def _worker() -> tuple[int, int]:
 
 
 def decode_shard_sample(
-    raw: dict[str, Any], resolution: int, min_size: int = 0, max_aspect_ratio: float | None = None
+    raw: dict[str, Any], resolution: int, min_size: int = 0, max_aspect_ratio: float | None = None,
+    missing_caption: str = "skip",
 ) -> dict[str, Any]:
-    """Raw tar sample {"__key__", "jpg", "txt", "json", ...} -> batch sample, or raise SkipSample."""
+    """Raw tar sample {"__key__", "jpg", "txt", "json", ...} -> batch sample, or raise SkipSample
+    (MissingCaptionError for a sample without caption under ``missing_caption="error"``)."""
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         members = sorted(k for k in raw if not k.startswith("__"))
         raise SkipSample("missing_image", f"members {members}, need one of {IMAGE_KEYS}")
-    image = load_image_tensor(raw[image_key], resolution, min_size, max_aspect_ratio)
     meta: dict[str, Any] = {}
     if "json" in raw:
         try:
@@ -114,36 +143,15 @@ def decode_shard_sample(
             meta = loaded if isinstance(loaded, dict) else {}
         except (ValueError, UnicodeDecodeError):
             meta = {}  # metadata is optional: a broken json costs the attributes, not the sample
-    if "txt" in raw:
-        caption = raw["txt"].decode("utf-8", errors="replace").strip()
-    else:
-        caption = str(meta.get("caption") or "").strip()
+    caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else ""
+    caption = caption or str(meta.get("caption") or "").strip()  # an empty .txt falls back to the json
+    if not caption and missing_caption != "empty":
+        if missing_caption == "error":
+            raise missing_caption_error("laion_subset", f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}")
+        raise SkipSample("missing_caption", "no .txt member and no caption in the .json (or they are empty)")
+    image = load_image_tensor(raw[image_key], resolution, min_size, max_aspect_ratio)
     attributes = meta["attributes"] if isinstance(meta.get("attributes"), dict) else meta
     return {"image": image, "caption": caption, "attributes": attributes}
-
-
-class _ShardErrors:
-    """Counts a shard read that failed (open error, truncated or garbage tar) once, however many
-    exceptions webdataset's nested readers report for it, under the shard's url."""
-
-    def __init__(self, skips: SkipCounter) -> None:
-        self.skips, self.url, self.error = skips, "?", None
-
-    def track(self, shards: Iterator[dict]) -> Iterator[dict]:
-        for shard in shards:
-            self.flush()  # the previous shard is finished when the next one is asked for
-            self.url = shard["url"]
-            yield shard
-        self.flush()
-
-    def handler(self, error: BaseException) -> bool:
-        self.error = self.error or error
-        return True  # handled: go on with the next member / shard
-
-    def flush(self) -> None:
-        if self.error is not None:
-            self.skips.add("shard_error", self.url, self.error)
-            self.error = None
 
 
 class WebDatasetSamples(IterableDataset):
@@ -161,6 +169,7 @@ class WebDatasetSamples(IterableDataset):
         min_size: int = 0,
         max_aspect_ratio: float | None = None,
         hflip: bool = False,
+        missing_caption: str = "skip",
         skips: SkipCounter | None = None,
     ) -> None:
         super().__init__()
@@ -171,6 +180,7 @@ class WebDatasetSamples(IterableDataset):
         self.resampled, self.shuffle_buffer = resampled, int(shuffle_buffer)
         self.samples_per_epoch = samples_per_epoch
         self.min_size, self.max_aspect_ratio, self.hflip = int(min_size), max_aspect_ratio, hflip
+        self.missing_caption = check_missing_caption_policy(missing_caption, "webdataset")
         self.skips = skips if skips is not None else SkipCounter("webdataset")
         self.epoch = 0
         self._rank_world: tuple[int, int] | None = None
@@ -204,8 +214,8 @@ class WebDatasetSamples(IterableDataset):
             stride, offset = stride * workers, offset + stride * worker
         return shards, stride, offset
 
-    def _raw_samples(self, rank: int, world: int, worker: int, workers: int, epoch: int, errors: _ShardErrors):
-        expand = wds.tarfile_to_samples(handler=errors.handler)
+    def _raw_samples(self, rank: int, world: int, worker: int, workers: int, epoch: int, errors: ShardErrors):
+        expand = partial(tar_samples, handler=errors.handler)
         if self.resampled:
             reader_seed = mix_seed(self.seed, rank, worker, epoch)
             shards = wds.ResampledShards(self.urls, seed=0, worker_seed=lambda: reader_seed, deterministic=True)
@@ -218,12 +228,12 @@ class WebDatasetSamples(IterableDataset):
         worker, workers = _worker()
         epoch = self.epoch
         self.epoch += 1  # persistent workers / the main process see a new stream every epoch
-        errors = _ShardErrors(self.skips)
+        errors = ShardErrors(self.skips, self.urls if self.resampled else None, self.skips.name)
         samples = self._raw_samples(rank, world, worker, workers, epoch, errors)
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed(self.seed, rank, worker, epoch, 1))
             samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
-        decoded = self._decode(samples)
+        decoded = self._decode(samples, errors)
         if self.resampled and self.samples_per_epoch:
             decoded = islice(decoded, math.ceil(self.samples_per_epoch / (world * workers)))
         try:
@@ -231,14 +241,19 @@ class WebDatasetSamples(IterableDataset):
         finally:
             errors.flush()
 
-    def _decode(self, samples: Iterator[dict]) -> Iterator[dict[str, Any]]:
+    def _decode(self, samples: Iterator[dict], errors: ShardErrors) -> Iterator[dict[str, Any]]:
         for raw in samples:
             key = f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
             try:
-                sample = decode_shard_sample(raw, self.resolution, self.min_size, self.max_aspect_ratio)
+                sample = decode_shard_sample(
+                    raw, self.resolution, self.min_size, self.max_aspect_ratio, self.missing_caption
+                )
             except SkipSample as skip:
                 self.skips.add(skip.reason, key, skip.detail)
                 continue
+            if not sample["caption"]:
+                self.skips.add("kept_without_caption", key)
+            errors.good_sample()
             if self.hflip and torch.rand(()) < 0.5:
                 sample["image"] = sample["image"].flip(-1)
             yield sample
@@ -270,6 +285,7 @@ class WebDatasetDataModule(ImageTextDataModule):
         samples_per_epoch: int | None = 10_000,
         min_size: int = 0,
         max_aspect_ratio: float | None = None,
+        missing_caption: str = "skip",
         **loader_options: Any,
     ) -> None:
         super().__init__(batch_size, num_workers, resolution, seed, **loader_options)
@@ -280,6 +296,7 @@ class WebDatasetDataModule(ImageTextDataModule):
         self.patterns = {"train": train_shards, "val": val_shards, "test": test_shards}
         self.resampled, self.shuffle_buffer, self.samples_per_epoch = resampled, shuffle_buffer, samples_per_epoch
         self.min_size, self.max_aspect_ratio = min_size, max_aspect_ratio
+        self.missing_caption = check_missing_caption_policy(missing_caption, self.name)
         self._urls: dict[str, list[str]] | None = None
 
     def shard_urls(self) -> dict[str, list[str]]:
@@ -314,6 +331,7 @@ class WebDatasetDataModule(ImageTextDataModule):
             min_size=self.min_size,
             max_aspect_ratio=self.max_aspect_ratio,
             hflip=augment,
+            missing_caption=self.missing_caption,
             skips=self.skips[split],
         )
 
