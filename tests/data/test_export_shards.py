@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import json
+import shlex
 import tarfile
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from torch.utils.data import Dataset
 
-from ldmkit.data.export_shards import main, parse_args
+from ldmkit.data.export_shards import compose_data_config, export_dataset, main, parse_args
 from ldmkit.data.shapes import ShapesDataset
+from ldmkit.data.webdataset import WebDatasetDataModule
 
 
 def _members(path):
@@ -51,3 +56,92 @@ def test_parse_args():
         parse_args(["data=shapes"])
     with pytest.raises(SystemExit, match="split"):
         parse_args(["out=x", "split=holdout"])
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _shapes_argv(out, *extra):
+    return ["data=shapes", f"out={out}", "split=val", "data.resolution=16", "shard_size=4", "num_samples=12", *extra]
+
+
+def test_overwrite_validates_first_and_never_deletes_foreign_files(tmp_path):
+    out = tmp_path / "shards"
+    main(_shapes_argv(out))
+    before = _snapshot(out)
+    assert sorted(before) == ["00000.tar", "00001.tar", "00002.tar", "export_shards.json"]
+    for bad in ("shard_size=0", "num_samples=0", "image_format=gif", "overwrite=maybe", "split=holdout"):
+        with pytest.raises(SystemExit, match=bad.split("=")[0]):
+            main(_shapes_argv(out, bad, "overwrite=true") if bad != "overwrite=maybe" else _shapes_argv(out, bad))
+        assert _snapshot(out) == before  # nothing deleted before the arguments were checked
+    with pytest.raises(ValueError, match="only has|has only"):  # found while writing: out stays as it was
+        main(_shapes_argv(out, "num_samples=5000", "overwrite=true"))
+    assert _snapshot(out) == before
+    (out / "backup.tar").write_bytes(b"the user's own file")
+    with pytest.raises(SystemExit, match="did not write.*backup.tar"):
+        main(_shapes_argv(out, "overwrite=true"))
+    assert _snapshot(out) == {**before, "backup.tar": b"the user's own file"}
+    (out / "backup.tar").unlink()
+    assert [p.name for p in main(_shapes_argv(out, "overwrite=true", "shard_size=12"))] == ["00000.tar"]
+    assert sorted(_snapshot(out)) == ["00000.tar", "export_shards.json"]  # the old export replaced as a whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]  # no temporary sibling left behind
+
+
+def test_out_pointing_at_a_file_is_a_clear_error(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    for argv in (_shapes_argv(target), _shapes_argv(target, "overwrite=true"), _shapes_argv(target / "sub")):
+        with pytest.raises(SystemExit, match="file"):
+            main(argv)
+    assert target.read_text() == "keep me"
+
+
+class _FailsHalfway(Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        if index == 6:
+            raise OSError("disk went away")
+        return ShapesDataset("val", 10, 16, seed=0)[index]
+
+
+def test_interrupted_export_leaves_out_unchanged(tmp_path):
+    out = tmp_path / "shards"
+    export_dataset(ShapesDataset("val", 6, 16, seed=1), out, shard_size=3)
+    before = _snapshot(out)
+    with pytest.raises(OSError, match="disk went away"):
+        export_dataset(_FailsHalfway(), out, shard_size=2, overwrite=True)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def _train_overrides(printed: str) -> list[str]:
+    line = next(line for line in printed.splitlines() if "python train.py" in line)
+    return shlex.split(line.split("python train.py", 1)[1])
+
+
+def test_printed_hint_is_a_valid_hydra_override_that_reads_the_shards(tmp_path, capsys):
+    out = tmp_path / "my shards, 'v1'"  # a space, a comma and quotes: the hint must survive the shell and Hydra
+    shards = main(_shapes_argv(out))
+    overrides = _train_overrides(capsys.readouterr().out)
+    assert overrides[0] == "data=laion_subset" and "{00000..00002}" in overrides[1]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    assert parsed[1].value() == f"{out}/{{00000..00002}}.tar"
+    cfg = compose_data_config([*overrides, "data.num_workers=0", "data.resolution=16"])
+    dm = instantiate(cfg.data)
+    urls = dm.shard_urls()
+    assert urls["train"] + urls["val"] == [str(p) for p in shards]
+    assert len(list(dm.dataset("val"))) == 4  # the held-out last shard, read back
+
+
+def test_missing_data_hint_is_a_valid_hydra_override(tmp_path):
+    folder = tmp_path / "laion subset"
+    dm = WebDatasetDataModule(train_shards=str(folder / "{00000..00009}.tar"))
+    with pytest.raises(FileNotFoundError) as error:
+        dm.setup("fit")
+    overrides = _train_overrides(str(error.value))
+    cfg = compose_data_config(overrides)
+    assert cfg.data.train_shards == f"{folder}/{{00000..00009}}.tar"
+    export = next(line for line in str(error.value).splitlines() if "export_shards" in line)
+    assert f"out={folder}" in shlex.split(export.split("`")[1])

@@ -58,7 +58,7 @@ def test_grayscale_rgba_and_sixteen_bit_files(tmp_path):
     Image.new("L", (12, 12), 200).save(root / "grey.png")
     Image.new("RGBA", (12, 12), (0, 0, 255, 0)).save(root / "clear.png")
     Image.fromarray(np.full((12, 12), 65535, dtype=np.uint16)).save(root / "deep.png")
-    dataset = ImageFolderDataset(scan_folder(root), 8)
+    dataset = ImageFolderDataset(scan_folder(root), 8, missing_caption="empty")  # no captions here
     images = {item.relpath: dataset[i]["image"] for i, item in enumerate(dataset.items)}
     assert torch.allclose(images["grey.png"], torch.full((3, 8, 8), 200 / 127.5 - 1))
     assert torch.allclose(images["clear.png"], torch.ones(3, 8, 8))  # transparent on white
@@ -69,6 +69,8 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     root = _folder(tmp_path / "images", n=4)
     (root / "broken.png").write_bytes(b"garbage")
     (root / "cut.png").write_bytes(gradient_png(64)[:200])
+    for name in ("broken", "cut"):
+        (root / f"{name}.txt").write_text(f"caption {name}")  # captioned: only their bytes are broken
     dataset = ImageFolderDataset(scan_folder(root), 16)
     assert len(dataset) == 6
     batches = list(DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate_samples))
@@ -81,7 +83,7 @@ def test_all_files_broken_raises_clear_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "b.png").write_bytes(b"y")
     with pytest.raises(RuntimeError, match="could not be used"):
-        ImageFolderDataset(scan_folder(tmp_path), 8)[0]
+        ImageFolderDataset(scan_folder(tmp_path), 8, missing_caption="empty")[0]
 
 
 def test_missing_and_empty_folder_errors(tmp_path):

@@ -5,12 +5,14 @@ import tarfile
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
+from ldmkit.data import shard_reader
 from ldmkit.data.collate import collate_samples
-from ldmkit.data.export_shards import export_dataset
+from ldmkit.data.export_shards import compose_data_config, export_dataset
 from ldmkit.data.shapes import ShapesDataset
-from ldmkit.data.skips import SkipCounter
+from ldmkit.data.skips import MissingCaptionError, SkipCounter
 from ldmkit.data.webdataset import WebDatasetDataModule, WebDatasetSamples, decode_shard_sample
 
 from .helpers import gradient_png, image_bytes, numbered_shards, sample_members, write_tar
@@ -180,3 +182,89 @@ def test_decode_shard_sample_prefers_attributes_field():
     sample = decode_shard_sample(raw, 8)
     assert sample["caption"] == "hi" and sample["attributes"] == {"digit": 3}
     assert collate_samples([sample, sample])["image"].shape == (2, 3, 8, 8)
+
+
+def _cut_shard(tmp_path, where: str):
+    """A 40-sample shard cut inside (or right before) the header of the 11th sample's first member."""
+    shard = numbered_shards(tmp_path / "src", 1, 40, size=8)[0]
+    with tarfile.open(shard) as tar:
+        header = tar.getmembers()[30].offset  # 3 members per sample: the 11th sample starts here
+    cut = tmp_path / "00000.tar"
+    cut.write_bytes(shard.read_bytes()[: header + (100 if where == "in_header" else 0)])
+    return cut
+
+
+@pytest.mark.parametrize("where", ["in_header", "between_members"])
+def test_shard_cut_in_a_header_or_between_members_is_counted(tmp_path, where):
+    counter = SkipCounter("test")
+    ids = _ids(WebDatasetSamples([str(_cut_shard(tmp_path, where))], 8, skips=counter))
+    assert ids == list(range(10))  # what precedes the cut is kept ...
+    assert counter.totals()["shard_error"] == 1  # ... and the loss of the other 30 is counted
+    complete = numbered_shards(tmp_path / "whole", 1, 40, size=8)[0]
+    counter.reset()
+    assert _ids(WebDatasetSamples([str(complete)], 8, skips=counter)) == list(range(40))
+    assert counter.total() == 0  # a complete tar (end-of-archive blocks) is not an error
+
+
+def _caption_shard(folder):
+    png = gradient_png(8)
+    members = sample_members("a", png, "a caption", {"attributes": {"id": 0}})
+    members += sample_members("b", png, None, {"attributes": {"id": 1}})  # no .txt, no caption in the json
+    members += sample_members("c", png, "  ", {"attributes": {"id": 2}})  # blank .txt
+    members += sample_members("d", png, "", {"caption": "from json", "attributes": {"id": 3}})  # empty .txt, json has it
+    members += sample_members("e", png)  # image only
+    return str(write_tar(folder / "00000.tar", members))
+
+
+def test_missing_caption_policy(tmp_path):
+    shard = _caption_shard(tmp_path)
+    counter = SkipCounter("test")
+    kept = list(WebDatasetSamples([shard], 8, skips=counter))  # default: skip and count
+    assert [s["caption"] for s in kept] == ["a caption", "from json"]
+    assert counter.totals()["missing_caption"] == 3 and counter.total() == 3
+    counter.reset()
+    kept = list(WebDatasetSamples([shard], 8, skips=counter, missing_caption="empty"))
+    assert [s["caption"] for s in kept] == ["a caption", "", "", "from json", ""]
+    assert counter.totals()["kept_without_caption"] == 3 and counter.total() == 0  # counted, not dropped
+    with pytest.raises(MissingCaptionError, match="missing_caption=skip"):
+        list(WebDatasetSamples([shard], 8, missing_caption="error"))
+    with pytest.raises(ValueError, match="missing_caption"):
+        WebDatasetDataModule(train_shards=shard, missing_caption="drop")
+    cfg = compose_data_config(["data=laion_subset", "data.missing_caption=error"])
+    assert instantiate(cfg.data).missing_caption == "error"
+    assert compose_data_config(["data=laion_subset"]).data.missing_caption == "skip"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("captionless", [False, True])
+def test_resampled_stream_of_unusable_shards_stops_with_a_clear_error(tmp_path, monkeypatch, num_workers, captionless):
+    monkeypatch.setattr(shard_reader, "MIN_SKIPPED_SAMPLES", 50)  # forked workers inherit it
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"\x00not a tar at all" * 100)
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    head = tmp_path / "head.tar"
+    head.write_bytes(numbered_shards(tmp_path / "src", 1, 2, size=8)[0].read_bytes()[:100])  # cut in header 1
+    urls = [str(garbage), str(empty), str(head)]
+    if captionless:  # readable, but nothing usable in it
+        urls.append(str(write_tar(tmp_path / "uncaptioned.tar", sample_members("x", gradient_png(8)))))
+    dataset = WebDatasetSamples(urls, 8, resampled=True, shuffle_buffer=10, samples_per_epoch=100)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
+    match = "were skipped" if captionless else "read nothing"
+    with pytest.raises(RuntimeError, match=f"{match}: no usable sample.*missing_caption"):
+        next(iter(loader))
+
+
+@pytest.mark.timeout(120)
+def test_resampled_stream_with_some_good_shards_keeps_going(tmp_path, monkeypatch):
+    monkeypatch.setattr(shard_reader, "MIN_SKIPPED_SAMPLES", 50)
+    good = numbered_shards(tmp_path, 1, 3, size=8)[0]
+    bad = [tmp_path / f"bad{i}.tar" for i in range(4)]
+    for path in bad:
+        path.write_bytes(b"garbage" * 100)
+    bad.append(write_tar(tmp_path / "uncaptioned.tar", sample_members("x", gradient_png(8))))
+    counter = SkipCounter("test")
+    dataset = WebDatasetSamples([str(good)] + [str(p) for p in bad], 8, resampled=True, shuffle_buffer=200,
+                                samples_per_epoch=300, skips=counter)  # the buffer fills over ~70 shard reads
+    assert len(_ids(dataset)) == 300 and counter.totals()["shard_error"] > 20

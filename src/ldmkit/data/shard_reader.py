@@ -9,9 +9,8 @@ ustar; Python's `tarfile`, GNU tar and webdataset's `TarWriter` all write them),
 means the file was cut.
 
 `ShardErrors` counts each failed shard read once (``shard_error``) and, for resampled streams,
-stops with a clear error when no usable sample came out of a long run of shard reads that covered
-every shard: all shards unreadable (or every sample in them skipped) would otherwise be drawn
-again and again forever.
+stops with a clear error when every shard is unreadable (or every sample in them is skipped):
+they would otherwise be drawn again and again forever.
 """
 
 from __future__ import annotations
@@ -19,15 +18,15 @@ from __future__ import annotations
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from webdataset.tariterators import group_by_keys, url_opener
 
 from ldmkit.data.skips import SkipCounter
 
-# A resampled stream stops after this many shard reads in a row without a usable sample (and only
-# once that run has covered every shard, so a few bad shards among good ones never stop training).
+# A resampled stream stops when nothing can be read from any shard, or nothing usable (see ShardErrors).
 MIN_FAILED_READS = 20
+MIN_SKIPPED_SAMPLES = 5000  # with no usable sample at all yet (a filter passing 1% would fail 1 in 1e21)
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped like webdataset does
 
 
@@ -79,7 +78,9 @@ def _expand(sources: Iterable[dict[str, Any]], handler: Callable[[BaseException]
     for source in sources:
         stream = source["stream"]
         try:
-            yield from tar_members(stream, source["url"])
+            for member in tar_members(stream, source["url"]):
+                source["members"] = source.get("members", 0) + 1  # seen by ShardErrors.track
+                yield member
         except Exception as error:  # noqa: BLE001 - any read failure is one shard error
             if not handler(error):
                 raise
@@ -98,24 +99,31 @@ def tar_samples(shards: Iterable[dict[str, Any]], handler: Callable[[BaseExcepti
 
 class ShardErrors:
     """Counts a shard read that failed (open error, truncated or garbage tar) once, however many
-    exceptions the nested readers report for it, under the shard's url; with `urls` given
-    (resampled streams), raises when reads stop producing usable samples (see module docstring)."""
+    exceptions the nested readers report for it, under the shard's url.
+
+    With `urls` given (resampled streams, which would otherwise draw failing shards forever) it
+    raises when (a) the last `MIN_FAILED_READS` or more shard reads in a row, covering every url,
+    read no member at all, or (b) `MIN_SKIPPED_SAMPLES` samples were skipped, every url was
+    drawn, and not one usable sample came out in this pass. Each rule only fires when no shard
+    can help, so bad shards among good ones never stop training.
+    """
 
     def __init__(self, skips: SkipCounter, urls: Iterable[str] | None = None, source: str = "webdataset") -> None:
         self.skips, self.url, self.error = skips, "?", None
         self.urls = None if urls is None else set(urls)
         self.source = source
         self.first_error: BaseException | None = None
-        self.reads_since_good = 0
-        self.drawn_since_good: set[str] = set()
+        self.current: dict[str, Any] | None = None
+        self.drawn: set[str] = set()
+        self.empty_reads, self.empty_urls = 0, set()
+        self.any_good, self.skipped = False, 0
 
     def track(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
             self.flush()  # the previous shard is finished when the next one is asked for
-            self.check_progress()
-            self.url = shard["url"]
-            self.reads_since_good += 1
-            self.drawn_since_good.add(self.url)
+            self._after_read()
+            self.url, self.current = shard["url"], shard
+            self.drawn.add(self.url)
             yield shard
         self.flush()
 
@@ -130,16 +138,27 @@ class ShardErrors:
             self.error = None
 
     def good_sample(self) -> None:
-        """A sample was yielded: the stream makes progress."""
-        self.reads_since_good = 0
-        self.drawn_since_good.clear()
+        self.any_good = True
 
-    def check_progress(self) -> None:
-        if self.urls is None or self.reads_since_good < MIN_FAILED_READS or not self.urls <= self.drawn_since_good:
+    def skipped_sample(self) -> None:
+        self.skipped += 1
+        if self.urls is not None and not self.any_good and self.skipped >= MIN_SKIPPED_SAMPLES and self.urls <= self.drawn:
+            self._stop(f"all {self.skipped} samples read from the {len(self.urls)} shard(s) were skipped")
+
+    def _after_read(self) -> None:
+        if self.current is None:
             return
+        if self.current.get("members", 0):
+            self.empty_reads, self.empty_urls = 0, set()
+            return
+        self.empty_reads += 1
+        self.empty_urls.add(self.current["url"])
+        if self.urls is not None and self.empty_reads >= MIN_FAILED_READS and self.urls <= self.empty_urls:
+            self._stop(f"the last {self.empty_reads} shard reads, covering all {len(self.urls)} shard(s), read nothing")
+
+    def _stop(self, what: str) -> NoReturn:
         raise RuntimeError(
-            f"{self.source}: the last {self.reads_since_good} shard reads, which covered all {len(self.urls)} "
-            f"shard(s), gave no usable sample (skipped so far: {self.skips}; first error: {self.first_error}). "
-            "Check that the shards are readable tar files with captioned images (e.g. `tar tvf SHARD`), "
-            "the data.min_size / data.max_aspect_ratio filters and data.missing_caption."
+            f"{self.source}: {what}: no usable sample (skipped so far: {self.skips}; first shard error: "
+            f"{self.first_error}). Check that the shards are readable tar files with captioned images "
+            "(e.g. `tar tvf SHARD`), the data.min_size / data.max_aspect_ratio filters and data.missing_caption."
         )

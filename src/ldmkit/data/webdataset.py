@@ -250,6 +250,7 @@ class WebDatasetSamples(IterableDataset):
                 )
             except SkipSample as skip:
                 self.skips.add(skip.reason, key, skip.detail)
+                errors.skipped_sample()
                 continue
             if not sample["caption"]:
                 self.skips.add("kept_without_caption", key)
