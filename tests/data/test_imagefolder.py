@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from ldmkit.data.collate import collate_samples
 from ldmkit.data.imagefolder import ImageFolderDataModule, ImageFolderDataset, scan_folder, split_items
+from ldmkit.data.skips import MissingCaptionError, SkipCounter
 
 from .helpers import gradient_png
 
@@ -107,3 +109,60 @@ def test_hash_split_is_disjoint_and_stable(tmp_path):
     after = {i.relpath: s for s, v in split_items(many[:300], 0.1, 0.1).items() for i in v}
     assert all(before[k] == s for k, s in after.items())  # removing files moves nobody
     assert 20 < sum(s == "val" for s in before.values()) < 60
+
+
+@pytest.mark.timeout(60)
+def test_symlink_loops_are_not_followed_and_no_file_is_listed_twice(tmp_path):
+    root = _folder(tmp_path / "images", n=4)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a link to a parent: a loop
+    (root / "sub" / "deeper" / "up2").symlink_to(root / "sub", target_is_directory=True)  # a second loop
+    (root / "alias.png").symlink_to(root / "img0.png")  # the same file under a second name
+    (root / "alias.txt").write_text("caption alias")
+    (root / "mirror").symlink_to(root / "sub" / "deeper", target_is_directory=True)  # a folder inside root
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for i in (7, 8):
+        (outside / f"ext{i}.png").write_bytes(gradient_png(20, seed=i))
+    (outside / "back").symlink_to(root, target_is_directory=True)  # a loop through a folder outside
+    (root / "ext").symlink_to(outside, target_is_directory=True)  # followed: its files are not elsewhere
+    (root / "ext2").symlink_to(outside, target_is_directory=True)  # a second link to the same place
+    with pytest.warns(UserWarning, match="not followed"):
+        items = scan_folder(root)
+    relpaths = sorted(i.relpath for i in items)
+    assert relpaths == ["ext/ext7.png", "ext/ext8.png", "img0.png", "img2.png", "sub/deeper/img1.png",
+                        "sub/deeper/img3.png"]
+    files = [os.stat(i.path) for i in items]
+    assert len({(f.st_dev, f.st_ino) for f in files}) == len(items)  # never one file twice
+    splits = split_items(items, 0.3, 0.3)
+    placed = [(os.stat(i.path).st_dev, os.stat(i.path).st_ino) for v in splits.values() for i in v]
+    assert len(placed) == len(set(placed)) == 6  # so no file sits in two splits
+
+
+def test_missing_caption_policy(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        (root / f"{name}.png").write_bytes(gradient_png(8, seed=ord(name)))
+    (root / "a.txt").write_text("a caption")
+    (root / "c.txt").write_text("  \n")  # a blank caption file; b has none at all
+    counter = SkipCounter("test")
+    dataset = ImageFolderDataset(scan_folder(root), 8, skips=counter)  # default: skip and count
+    assert len(dataset) == 2 and counter.totals()["missing_caption"] == 1  # b, known before any read
+    assert [dataset[i]["caption"] for i in range(2)] == ["a caption", "a caption"]  # c replaced by the next
+    assert counter.totals()["missing_caption"] == 2 and counter.total() == 2
+    counter.reset()
+    dataset = ImageFolderDataset(scan_folder(root), 8, skips=counter, missing_caption="empty")
+    assert [dataset[i]["caption"] for i in range(3)] == ["a caption", "", ""]
+    assert counter.totals()["kept_without_caption"] == 2 and counter.total() == 0
+    with pytest.raises(MissingCaptionError, match="b.png"):
+        ImageFolderDataset(scan_folder(root), 8, missing_caption="error")
+    (root / "b.txt").write_text("b caption")
+    with pytest.raises(MissingCaptionError, match="c.png"):
+        ImageFolderDataset(scan_folder(root), 8, missing_caption="error")[2]
+    assert ImageFolderDataset(scan_folder(root), 8, default_caption="x")[2]["caption"] == "x"
+    (root / "a.txt").unlink()
+    (root / "b.txt").unlink()
+    with pytest.raises(ValueError, match="none of the 2 images.*missing_caption=empty"):
+        ImageFolderDataset(scan_folder(root)[:2], 8)  # a and b: no caption source at all
+    with pytest.raises(ValueError, match="missing_caption"):
+        ImageFolderDataModule(root=str(root), missing_caption="maybe")
