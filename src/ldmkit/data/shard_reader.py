@@ -116,7 +116,8 @@ class ShardErrors:
         self.current: dict[str, Any] | None = None
         self.drawn: set[str] = set()
         self.empty_reads, self.empty_urls = 0, set()
-        self.any_good, self.skipped = False, 0
+        self.any_good = False
+        self.skipped_before = skips.dropped_here(exclude=("shard_error",))  # counts go on across epochs
 
     def track(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
@@ -137,17 +138,22 @@ class ShardErrors:
             self.skips.add("shard_error", self.url, self.error)
             self.error = None
 
-    def good_sample(self) -> None:
-        self.any_good = True
+    def watch(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pass decoded samples through, noting that the stream makes progress."""
+        for sample in samples:
+            self.any_good = True
+            yield sample
 
-    def skipped_sample(self) -> None:
-        self.skipped += 1
-        if self.urls is not None and not self.any_good and self.skipped >= MIN_SKIPPED_SAMPLES and self.urls <= self.drawn:
-            self._stop(f"all {self.skipped} samples read from the {len(self.urls)} shard(s) were skipped")
+    def _skipped_samples(self) -> int:
+        return self.skips.dropped_here(exclude=("shard_error",)) - self.skipped_before
 
     def _after_read(self) -> None:
         if self.current is None:
             return
+        if self.urls is not None and not self.any_good and self.urls <= self.drawn:
+            skipped = self._skipped_samples()  # counted by this worker's decoder
+            if skipped >= MIN_SKIPPED_SAMPLES:
+                self._stop(f"{skipped} samples read from the {len(self.urls)} shard(s) were skipped, none used")
         if self.current.get("members", 0):
             self.empty_reads, self.empty_urls = 0, set()
             return

@@ -57,12 +57,17 @@ class SkipCounter:
         # (1 + workers, reasons); shared memory so worker processes' increments are visible here.
         self.counts = torch.zeros(1 + MAX_WORKER_SLOTS, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
 
+    @staticmethod
+    def _slot() -> int:
+        info = get_worker_info()
+        return 0 if info is None else 1 + info.id % MAX_WORKER_SLOTS
+
     def add(self, reason: str, key: str = "?", error: BaseException | str | None = None) -> None:
         """Count one skipped sample (call from wherever the sample was dropped, any worker)."""
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; one of {SKIP_REASONS}")
         info = get_worker_info()
-        slot = 0 if info is None else 1 + info.id % MAX_WORKER_SLOTS
+        slot = self._slot()
         self.counts[slot, SKIP_REASONS.index(reason)] += 1
         in_slot = int(self.counts[slot].sum())
         if in_slot <= self.warn_first or (in_slot & (in_slot - 1)) == 0:
@@ -79,6 +84,11 @@ class SkipCounter:
         totals = dict(zip(SKIP_REASONS, self.counts.sum(dim=0).tolist()))
         totals["total"] = sum(v for k, v in totals.items() if k not in KEPT_REASONS)
         return totals
+
+    def dropped_here(self, exclude: tuple[str, ...] = ()) -> int:
+        """Samples dropped by the calling worker (or the main process), without the `exclude` reasons."""
+        row = dict(zip(SKIP_REASONS, self.counts[self._slot()].tolist()))
+        return sum(v for k, v in row.items() if k not in KEPT_REASONS and k not in exclude)
 
     def total(self) -> int:
         """Samples dropped (the kept reasons left out)."""

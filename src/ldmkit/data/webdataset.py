@@ -233,7 +233,7 @@ class WebDatasetSamples(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed(self.seed, rank, worker, epoch, 1))
             samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
-        decoded = self._decode(samples, errors)
+        decoded = errors.watch(self._decode(samples))
         if self.resampled and self.samples_per_epoch:
             decoded = islice(decoded, math.ceil(self.samples_per_epoch / (world * workers)))
         try:
@@ -241,7 +241,7 @@ class WebDatasetSamples(IterableDataset):
         finally:
             errors.flush()
 
-    def _decode(self, samples: Iterator[dict], errors: ShardErrors) -> Iterator[dict[str, Any]]:
+    def _decode(self, samples: Iterator[dict]) -> Iterator[dict[str, Any]]:
         for raw in samples:
             key = f"{raw.get('__key__', '?')} in {raw.get('__url__', '?')}"
             try:
@@ -250,11 +250,9 @@ class WebDatasetSamples(IterableDataset):
                 )
             except SkipSample as skip:
                 self.skips.add(skip.reason, key, skip.detail)
-                errors.skipped_sample()
                 continue
             if not sample["caption"]:
                 self.skips.add("kept_without_caption", key)
-            errors.good_sample()
             if self.hflip and torch.rand(()) < 0.5:
                 sample["image"] = sample["image"].flip(-1)
             yield sample
