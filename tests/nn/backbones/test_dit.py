@@ -136,6 +136,18 @@ def test_torch_compile_captures_one_graph():
     helpers.check_compiled_matches_eager(randomized(DiT(cfg)), cfg, backend="aot_eager")
 
 
+@pytest.mark.parametrize("arch", ["dit", "mmdit"])
+def test_backbone_contract_attributes(arch):
+    from ldmkit.nn.backbones.mmdit import MMDiT
+
+    cls = DiT if arch == "dit" else MMDiT
+    model = cls(cls.presets["tiny"], patch_size=2, pooled_dim=None, in_channels=3, out_channels=6, context_dim=40)
+    assert (model.arch, model.config_class, type(model.config)) == (arch, type(model.config), cls.config_class)
+    assert (model.in_channels, model.out_channels, model.context_dim, model.pooled_dim) == (3, 6, 40, None)
+    assert model.latent_size_multiple == model.patch_size == 2
+    assert model.presets["tiny"].sample_size == 8  # the quickstart's 8x8 latents
+
+
 def test_config_round_trips_through_json_and_mappings():
     cfg = dataclasses.replace(DIT_PRESETS["S"], pooled_dim=64)
     assert DiTConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg

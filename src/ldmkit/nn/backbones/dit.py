@@ -25,7 +25,6 @@ diffusers' timestep input is the same number ldmkit passes as `t` (the noise pro
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ from ldmkit.nn.backbones.transformer_layers import (
     PatchEmbed,
     SelfAttention,
     TwoLayerMLP,
+    check_inputs,
+    config_from,
     init_patch_embed,
     layer_norm,
     modulate,
@@ -142,11 +143,17 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """`forward(x, t, context, pooled, context_mask) -> prediction` of shape (B, out_channels, H, W)."""
+    """`forward(x, t, context, pooled, context_mask) -> prediction` of shape (B, out_channels, H, W).
+    The backbone contract (ldmkit.nn.backbones): `arch`, `config`, `in_channels`, `out_channels`,
+    `context_dim`, `pooled_dim`, `latent_size_multiple` (= `patch_size`)."""
+
+    arch = "dit"
+    config_class = DiTConfig
+    presets = DIT_PRESETS
 
     def __init__(self, config: DiTConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
-        config = _as_config(config, overrides)
+        config = config_from(DiTConfig, config, overrides)
         self.config = config
         self.gradient_checkpointing = config.gradient_checkpointing
         dim = config.width
@@ -168,9 +175,30 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", self._positions(grid, grid), persistent=False)  # (N, C)
         self.initialize_weights()
 
-    in_channels = property(lambda self: self.config.in_channels)
-    out_channels = property(lambda self: self.config.out_channels)
-    patch_size = property(lambda self: self.config.patch_size)
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_channels
+
+    @property
+    def context_dim(self) -> int | None:
+        return self.config.context_dim
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.config.pooled_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def latent_size_multiple(self) -> int:
+        """Latent H and W must be multiples of this (the backbone contract of ldmkit.nn.backbones)."""
+        return self.config.patch_size
 
     def initialize_weights(self) -> None:
         """PixArt-α / DiT init: Xavier linears, N(0, 0.02) embedders, zero cross-attention outputs,
@@ -207,7 +235,7 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """x (B, C, H, W); t (B,) or scalar network time; context (B, L, context_dim); pooled (B, pooled_dim);
         context_mask (B, L) bool, True = attend to the token. -> (B, out_channels, H, W)."""
-        _check_inputs(type(self).__name__, self.config, x, context, pooled, context_mask)
+        check_inputs(type(self).__name__, self.config, x, context, pooled, context_mask)
         b, p = x.shape[0], self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         t = torch.as_tensor(t, device=x.device)
@@ -239,60 +267,6 @@ class DiT(nn.Module):
         ids = {id(p) for p in decay}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def _check_inputs(name: str, cfg: Any, x, context, pooled, context_mask) -> None:
-    """Shape checks on Python ints only (no host syncs); shared with `MMDiT`."""
-    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-        raise ValueError(f"{name} expects x of shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-    p = cfg.patch_size
-    if x.shape[-2] % p or x.shape[-1] % p:
-        raise ValueError(
-            f"{name} with patch_size={p} needs H and W divisible by {p}, got latents {tuple(x.shape[-2:])}: "
-            "change the image resolution or the backbone's patch_size"
-        )
-    if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[-1] != cfg.context_dim):
-        got = None if context is None else tuple(context.shape)
-        raise ValueError(
-            f"{name} was built with context_dim={cfg.context_dim} and needs context of shape (B, L, {cfg.context_dim}), "
-            f"got {got}; set the backbone's context_dim to the text encoder's width"
-        )
-    if cfg.context_dim is None and context is not None:
-        raise ValueError(f"{name} was built with context_dim=null (no text conditioning) but was given a context")
-    if (cfg.pooled_dim is None) != (pooled is None):
-        raise ValueError(
-            f"{name} was built with pooled_dim={cfg.pooled_dim} but pooled is "
-            f"{'missing' if pooled is None else tuple(pooled.shape)}: pass pooled (B, pooled_dim) exactly when "
-            "pooled_dim is set"
-        )
-    if context_mask is not None and (
-        context is None or context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]
-    ):
-        raise ValueError(
-            "context_mask must be a bool tensor of shape (B, L) of the context (True = attend), got "
-            f"{context_mask.dtype} {tuple(context_mask.shape)} for context {None if context is None else tuple(context.shape)}"
-        )
-
-
-def _as_config(config: DiTConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> DiTConfig:
-    return config_from(DiTConfig, config, overrides)
-
-
-def config_from(cls: type, config: Any, overrides: Mapping[str, Any]) -> Any:
-    """`cls` from an instance, a mapping of its fields (JSON, Hydra) or None (defaults), with overrides."""
-    if config is None:
-        config = cls()
-    elif isinstance(config, Mapping):
-        config = cls(**{str(k): v for k, v in config.items()})
-    elif not isinstance(config, cls):
-        raise TypeError(f"expected a {cls.__name__} or a mapping of its fields, got {type(config).__name__}")
-    if overrides:
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise TypeError(f"unknown {cls.__name__} fields {unknown}; valid: {fields}")
-        config = dataclasses.replace(config, **overrides)
-    return config
 
 
 def dit_from_preset(name: str, **overrides: Any) -> DiT:

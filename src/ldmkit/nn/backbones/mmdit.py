@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldmkit.nn.backbones.dit import _check_inputs, config_from
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
     FeedForward,
     PatchEmbed,
     QKNorm,
     TwoLayerMLP,
+    check_inputs,
+    config_from,
     init_patch_embed,
     layer_norm,
     merge_heads,
@@ -168,7 +169,13 @@ class MMDiTBlock(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """`forward(x, t, context, pooled, context_mask) -> prediction` of shape (B, out_channels, H, W)."""
+    """`forward(x, t, context, pooled, context_mask) -> prediction` of shape (B, out_channels, H, W).
+    The backbone contract (ldmkit.nn.backbones): `arch`, `config`, `in_channels`, `out_channels`,
+    `context_dim`, `pooled_dim`, `latent_size_multiple` (= `patch_size`)."""
+
+    arch = "mmdit"
+    config_class = MMDiTConfig
+    presets = MMDIT_PRESETS
 
     def __init__(self, config: MMDiTConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -188,9 +195,30 @@ class MMDiT(nn.Module):
         self.register_buffer("pos_embed", table.view(size, size, dim), persistent=False)  # (S, S, C)
         self.initialize_weights()
 
-    in_channels = property(lambda self: self.config.in_channels)
-    out_channels = property(lambda self: self.config.out_channels)
-    patch_size = property(lambda self: self.config.patch_size)
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.out_channels
+
+    @property
+    def context_dim(self) -> int | None:
+        return self.config.context_dim
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return self.config.pooled_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def latent_size_multiple(self) -> int:
+        """Latent H and W must be multiples of this (the backbone contract of ldmkit.nn.backbones)."""
+        return self.config.patch_size
 
     def initialize_weights(self) -> None:
         """Xavier linears, N(0, 0.02) embedders, zero adaLN-Zero modulations (every block starts as
@@ -221,7 +249,7 @@ class MMDiT(nn.Module):
         """x (B, C, H, W); t (B,) or scalar network time; context (B, L, context_dim); pooled (B, pooled_dim);
         context_mask (B, L) bool, True = attend to the token. -> (B, out_channels, H, W)."""
         cfg = self.config
-        _check_inputs(type(self).__name__, cfg, x, context, pooled, context_mask)
+        check_inputs(type(self).__name__, cfg, x, context, pooled, context_mask)
         b, p = x.shape[0], cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         if max(h, w) > cfg.pos_embed_max_size:

@@ -10,7 +10,10 @@ Parameter names are ldmkit's own; `dit.py` / `mmdit.py` map diffusers' names ont
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -201,3 +204,53 @@ def zero_init(*layers: nn.Linear) -> None:
         nn.init.zeros_(layer.weight)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
+
+
+def check_inputs(name: str, cfg: Any, x, context, pooled, context_mask) -> None:
+    """Forward-input checks on shapes and dtypes only (Python ints: no host syncs, nothing for torch.compile to break on)."""
+    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"{name} expects x of shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+    p = cfg.patch_size
+    if x.shape[-2] % p or x.shape[-1] % p:
+        raise ValueError(
+            f"{name} with patch_size={p} needs H and W divisible by {p}, got latents {tuple(x.shape[-2:])}: "
+            "change the image resolution or the backbone's patch_size"
+        )
+    if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[-1] != cfg.context_dim):
+        got = None if context is None else tuple(context.shape)
+        raise ValueError(
+            f"{name} was built with context_dim={cfg.context_dim} and needs context of shape (B, L, {cfg.context_dim}), "
+            f"got {got}; set the backbone's context_dim to the text encoder's width"
+        )
+    if cfg.context_dim is None and context is not None:
+        raise ValueError(f"{name} was built with context_dim=null (no text conditioning) but was given a context")
+    if (cfg.pooled_dim is None) != (pooled is None):
+        raise ValueError(
+            f"{name} was built with pooled_dim={cfg.pooled_dim} but pooled is "
+            f"{'missing' if pooled is None else tuple(pooled.shape)}: pass pooled (B, pooled_dim) exactly when "
+            "pooled_dim is set"
+        )
+    if context_mask is not None and (
+        context is None or context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]
+    ):
+        raise ValueError(
+            "context_mask must be a bool tensor of shape (B, L) of the context (True = attend), got "
+            f"{context_mask.dtype} {tuple(context_mask.shape)} for context {None if context is None else tuple(context.shape)}"
+        )
+
+
+def config_from(cls: type, config: Any, overrides: Mapping[str, Any]) -> Any:
+    """`cls` from an instance, a mapping of its fields (JSON, Hydra) or None (defaults), with overrides."""
+    if config is None:
+        config = cls()
+    elif isinstance(config, Mapping):
+        config = cls(**{str(k): v for k, v in config.items()})
+    elif not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__} or a mapping of its fields, got {type(config).__name__}")
+    if overrides:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} fields {unknown}; valid: {fields}")
+        config = dataclasses.replace(config, **overrides)
+    return config
