@@ -121,3 +121,14 @@ class DigitsDataModule(ImageTextDataModule):
         return DigitsDataset(
             split, self.resolution, self.seed, self.val_fraction, self.test_fraction, self.split_seed, hflip=augment
         )
+
+    @staticmethod
+    def zero_shot_task(template: str = "a handwritten digit {digit}") -> Any:
+        """CLIP validation's zero-shot classification: ten prompts, one per digit word, as the captions say."""
+        from ldmkit.nn.clip import ZeroShotTask
+
+        def target(attributes: dict) -> dict | None:
+            digit = attributes.get("digit")
+            return None if digit is None else {"digit": DIGIT_WORDS[int(digit)]}
+
+        return ZeroShotTask("digits", template, {"digit": list(DIGIT_WORDS)}, target)

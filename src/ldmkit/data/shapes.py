@@ -658,3 +658,34 @@ class ShapesDataModule(ImageTextDataModule):
             split, self.sizes[split], self.resolution, self.seed, self.two_object_prob,
             self.omit_prob, self.background_prob, self.supersample, hflip=augment,
         )
+
+    # --- hooks read by evaluation code, so that it needs no knowledge of this dataset
+
+    @staticmethod
+    def zero_shot_task(template: str = "a {colour} {shape}") -> Any:
+        """CLIP validation's zero-shot classification: colour x shape prompts, scored on single-object images."""
+        from ldmkit.nn.clip import ZeroShotTask
+
+        def target(attributes: dict) -> dict | None:
+            objects = attributes.get("objects") or []
+            return {"colour": objects[0]["colour"], "shape": objects[0]["shape"]} if len(objects) == 1 else None
+
+        return ZeroShotTask("shapes", template, {"colour": list(COLOURS), "shape": list(SHAPES)}, target)
+
+    @staticmethod
+    def attribute_task() -> dict[str, Any]:
+        """What an attribute judge (ldmkit.eval.attributes) learns and reads back on this data: its fields and
+        their values, a single-object training set, and which held-out prompts it can judge (one object)."""
+
+        def training_set(resolution: int, size: int, seed: int) -> ShapesDataset:
+            return ShapesDataset("train", size=size, resolution=resolution, seed=seed, two_object_prob=0.0)
+
+        return {
+            "name": "shapes",
+            "fields": {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS},
+            "judged_fields": ("colour", "shape"),
+            "judges": lambda attributes: bool(attributes) and len(attributes.get("objects", [])) == 1,
+            "judged_prompts": "single-object",
+            "unjudged_prompts": "two-object prompts are not judged",
+            "training_set": training_set,
+        }

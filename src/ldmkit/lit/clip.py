@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from ldmkit.data.digits import DigitsDataModule
+from ldmkit.data.shapes import ShapesDataModule
 from ldmkit.lit.batches import move_batch_tensors
 from ldmkit.lit.optim import build_optimizer, build_scheduler, weight_decay_param_groups
 from ldmkit.nn.clip import (
@@ -40,40 +42,22 @@ RECALL_KS = (1, 5, 10)
 # ------------------------------------------------------------------------ zero-shot tasks per dataset
 
 
-def shapes_zero_shot_task(template: str = "a {colour} {shape}") -> ZeroShotTask:
-    """Colour x shape prompts over the shapes vocabulary, scored on single-object images."""
-    from ldmkit.data.shapes import COLOURS, SHAPES
-
-    def target(attributes: dict) -> dict | None:
-        objects = attributes.get("objects") or []
-        return {"colour": objects[0]["colour"], "shape": objects[0]["shape"]} if len(objects) == 1 else None
-
-    return ZeroShotTask("shapes", template, {"colour": list(COLOURS), "shape": list(SHAPES)}, target)
-
-
-def digits_zero_shot_task(template: str = "a handwritten digit {digit}") -> ZeroShotTask:
-    """Ten prompts, one per digit word ("a handwritten digit seven"), as the digits captions say."""
-    from ldmkit.data.digits import DIGIT_WORDS
-
-    def target(attributes: dict) -> dict | None:
-        digit = attributes.get("digit")
-        return None if digit is None else {"digit": DIGIT_WORDS[int(digit)]}
-
-    return ZeroShotTask("digits", template, {"digit": list(DIGIT_WORDS)}, target)
-
-
+# Each datamodule that has a zero-shot task exposes it as `zero_shot_task(template=...)`; these names
+# let `zero_shot=shapes` pick one whatever the data.
+shapes_zero_shot_task = ShapesDataModule.zero_shot_task
+digits_zero_shot_task = DigitsDataModule.zero_shot_task
 ZERO_SHOT_TASKS: dict[str, Callable[..., ZeroShotTask]] = {"shapes": shapes_zero_shot_task, "digits": digits_zero_shot_task}
 
 
 def zero_shot_task_for(datamodule: Any, choice: str | None = "auto", template: str | None = None) -> ZeroShotTask | None:
-    """`auto`: the task matching the datamodule (ldmkit.data.shapes / digits), else None."""
+    """`auto`: the datamodule's own task (its `zero_shot_task` hook), else None."""
     if choice is None or choice == "none":
         return None
     if choice == "auto":
-        module = type(datamodule).__module__ if datamodule is not None else ""
-        choice = next((name for name in ZERO_SHOT_TASKS if module == f"ldmkit.data.{name}"), None)
-        if choice is None:
+        hook = getattr(datamodule, "zero_shot_task", None)
+        if hook is None:
             return None
+        return hook(template) if template else hook()
     if choice not in ZERO_SHOT_TASKS:
         raise ValueError(f"zero_shot={choice!r} is not one of {['auto', None, *ZERO_SHOT_TASKS]}.")
     return ZERO_SHOT_TASKS[choice](template) if template else ZERO_SHOT_TASKS[choice]()
