@@ -204,6 +204,12 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """`eval.py`: sampled sets scored side by side (task=sampled_sets: FID, KID, CLIP score, prompt accuracy,
     NFE, s/image, memory; report.md/html in the run folder) or txt2img PNGs (task=txt2img); (metrics, objects)."""
-    from ldmkit.eval.runner import run_evaluation
+    from ldmkit.eval.plan import check_task
 
-    return run_evaluation(cfg)
+    if check_task(cfg.get("task", "sampled_sets")) == "txt2img":
+        from ldmkit.eval.txt2img_task import run_txt2img
+
+        return run_txt2img(cfg)
+    from ldmkit.eval.sampled_sets import run_sampled_sets
+
+    return run_sampled_sets(cfg)

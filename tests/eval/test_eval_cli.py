@@ -16,12 +16,12 @@ import torch
 
 from ldmkit.artifacts import weights_hash
 from ldmkit.eval.pngmeta import read_png_parameters
-from ldmkit.eval.runner import EvalConfigError
+from ldmkit.eval.plan import EvalConfigError
 from tests.conftest import CONF_DIR, ROOT
 
 SETTINGS = [(s, n, g) for s in ("ddim", "euler_a") for n in (2, 3) for g in (1.0, 3.0)]
 MEASURED = ("sec_per_image", "peak_mem_mb")  # wall-clock facts, not functions of the images
-TINY = ["logger=none", "data.num_workers=0", "data.batch_size=8", "metrics.judge_steps=5"]
+TINY = ["logger=none", "data.num_workers=0", "data.batch_size=8", "metrics.prompt_accuracy.judge_steps=5"]
 
 
 def comparable(row: dict) -> dict:
@@ -236,8 +236,8 @@ def test_two_processes_give_the_metrics_of_one_with_fid_and_wandb(tiny_artifacts
     # one setting, stochastic (fresh noise each step: the harder case for identical images)
     common = [f"ckpt={tiny_artifacts['ldm']}", "samplers=[euler_a]", "steps=[2]", "guidance=[3]",
               "num_samples=6", "batch_size=2", "metrics.fid=true", f"inception_path={inception_weights}",
-              "metrics.kid_subset_size=4", "metrics.kid_subsets=10", f"cache_dir={tmp_path / 'cache'}",
-              "data.num_workers=0", "data.batch_size=8", "metrics.judge_steps=5"]
+              "metrics.kid.subset_size=4", "metrics.kid.subsets=10", f"cache_dir={tmp_path / 'cache'}",
+              "data.num_workers=0", "data.batch_size=8", "metrics.prompt_accuracy.judge_steps=5"]
     one, _ = run_eval([*common, "logger=none"], tmp_path / "one")
     references = list((tmp_path / "cache" / "fid").glob("ref-*.npz"))
     assert len(references) == 1  # cached reference statistics, reused by the second run
@@ -265,7 +265,7 @@ def test_two_processes_give_the_metrics_of_one_with_fid_and_wandb(tiny_artifacts
 
 
 def test_non_wandb_loggers_get_the_scalar_metrics(tmp_path):
-    from ldmkit.eval.runner import log_to_loggers
+    from ldmkit.eval.loggers import log_to_loggers
 
     cfg = compose_eval(["logger=csv", "ckpt=/somewhere/run/artifact"], tmp_path)
     rows = [{"sampler": "ddim", "steps": 10, "guidance": 3.0, "nfe": 10, "fid": 12.5, "kid_mean": None,

@@ -10,9 +10,13 @@ import torch
 
 from ldmkit.diffusion import nfe
 from ldmkit.eval.fid import FeatureStats
+from ldmkit.data.shapes import ShapesDataModule
+from ldmkit.eval.metrics.clip_score import CLIPScoreMetric
+from ldmkit.eval.metrics.fid import FID, InceptionReference
+from ldmkit.eval.metrics.kid import KID
+from ldmkit.eval.metrics.prompt_accuracy import PromptAccuracy
 from ldmkit.eval.sampling import (
     PromptSet,
-    Scorers,
     Setting,
     evaluate_settings,
     make_prompt_set,
@@ -63,6 +67,18 @@ def reference_features(n: int = 12) -> FeatureStats:
     return stats
 
 
+def stand_in_metrics(clip_score, reference: FeatureStats, kid_subsets: int, kid_subset_size: int) -> list:
+    """FID, KID, CLIP score and prompt accuracy on the stand-ins above (set up by hand: nothing is loaded)."""
+    inception = InceptionReference(weights=None, extractor=pixel_features, stats=reference)
+    fid, kid = FID(), KID(kid_subsets, kid_subset_size)
+    fid.reference = kid.reference = inception
+    clip = CLIPScoreMetric()
+    clip.source, clip.scorer = (None, None, "tiny clip"), clip_score
+    accuracy = PromptAccuracy()
+    accuracy.task, accuracy.judge = ShapesDataModule.attribute_task(), type("Judge", (), {"predict": staticmethod(colour_judge)})
+    return [fid, kid, clip, accuracy]
+
+
 def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in MEASURED}
 
@@ -106,7 +122,7 @@ def test_fresh_noise_stream_is_not_the_initial_noise_stream():
 def test_nfe_counts_unet_forwards_and_cfg_counts_once(t2i, sampler, guidance):
     ps = make_prompt_set(PROMPTS[:2], 2, base_seed=0)
     batches = rank_batches(plan_batches(2, 2), 0, 1)
-    shard = sample_shard(t2i, ps, Setting(sampler, 4, guidance), batches, Scorers(), height=32, width=32)
+    shard = sample_shard(t2i, ps, Setting(sampler, 4, guidance), batches, [], height=32, width=32)
     assert shard.nfe == nfe(sampler, 4)  # the solver library's own count, same with or without CFG
     assert shard.images == 2 and shard.seconds > 0 and shard.peak_mem_mb > 0
 
@@ -116,27 +132,26 @@ def test_sharded_shards_merge_to_the_single_process_result(t2i, clip_score):
     subsets smaller than the set: order-sensitive, CLIP score sums, accuracy counts, grid)."""
     ps = PromptSet(PROMPTS * 2, list(range(40, 50)), TARGETS * 2, "test")
     setting = Setting("euler_a", 3, 3.0)
-    scorers = Scorers(extractor=pixel_features, clip=clip_score, judge=colour_judge)
+    metrics = stand_in_metrics(clip_score, reference_features(), kid_subsets=10, kid_subset_size=5)
     batches = plan_batches(len(ps), 3)
     kwargs = dict(height=32, width=32, grid_size=4)
-    single = sample_shard(t2i, ps, setting, rank_batches(batches, 0, 1), scorers, **kwargs)
-    shards = [sample_shard(t2i, ps, setting, rank_batches(batches, r, 2), scorers, **kwargs) for r in range(2)]
-    merge = dict(reference=reference_features(), kid_subsets=10, kid_subset_size=5, clip_model="tiny clip")
-    row_1, grid_1 = merge_shards([single], setting, **merge)
-    row_2, grid_2 = merge_shards(shards, setting, **merge)
+    single = sample_shard(t2i, ps, setting, rank_batches(batches, 0, 1), metrics, **kwargs)
+    shards = [sample_shard(t2i, ps, setting, rank_batches(batches, r, 2), metrics, **kwargs) for r in range(2)]
+    row_1, grid_1 = merge_shards([single], setting, metrics)
+    row_2, grid_2 = merge_shards(shards, setting, metrics)
     assert comparable(row_1) == comparable(row_2)
     assert torch.equal(grid_1, grid_2) and grid_1.shape == (3, 32, 4 * 32)
     assert math.isfinite(row_1["fid"]) and row_1["fid"] > 0 and row_1["kid_std"] > 0
     assert row_1["judged_prompts"] == 8 and row_1["num_images"] == 10
     # KID reads features in global order: folding rank 1's batches first would change it
-    swapped = merge_shards([shards[1], shards[0]], setting, **merge)[0]
+    swapped = merge_shards([shards[1], shards[0]], setting, metrics)[0]
     assert comparable(swapped) == comparable(row_1)
 
 
 def test_same_seeds_same_metrics_and_every_setting_gets_the_same_noise(t2i, clip_score, monkeypatch):
     ps = make_prompt_set(PROMPTS, 5, base_seed=7, targets=TARGETS)
     settings = [Setting("ddim", 3, 1.0), Setting("euler_a", 3, 3.0)]
-    scorers = Scorers(extractor=pixel_features, clip=clip_score, judge=colour_judge)
+    metrics = stand_in_metrics(clip_score, reference_features(), kid_subsets=5, kid_subset_size=4)
     calls: list[tuple[str, list[int], list[str]]] = []
     generate = type(t2i).generate
 
@@ -145,14 +160,14 @@ def test_same_seeds_same_metrics_and_every_setting_gets_the_same_noise(t2i, clip
         return generate(self, prompts, seeds, **kwargs)
 
     monkeypatch.setattr(type(t2i), "generate", spy)
-    kwargs = dict(batch_size=2, height=32, width=32, reference=reference_features(), kid_subsets=5, kid_subset_size=4)
-    first, grids = evaluate_settings(t2i, ps, settings, scorers, **kwargs)
-    second, _ = evaluate_settings(t2i, ps, settings, scorers, **kwargs)
+    kwargs = dict(batch_size=2, height=32, width=32)
+    first, grids = evaluate_settings(t2i, ps, settings, metrics, **kwargs)
+    second, _ = evaluate_settings(t2i, ps, settings, metrics, **kwargs)
     assert [comparable(r) for r in first] == [comparable(r) for r in second]
     assert set(grids) == {s.key for s in settings}
     per_sampler = {s: [(seeds, prompts) for name, seeds, prompts in calls if name == s] for s in ("ddim", "euler_a")}
     assert per_sampler["ddim"] == per_sampler["euler_a"]  # paired: same prompts and seeds in the same batches
     assert [seed for seeds, _ in per_sampler["ddim"][:3] for seed in seeds] == [7, 8, 9, 10, 11]
     # and the metrics do depend on the seeds
-    moved, _ = evaluate_settings(t2i, make_prompt_set(PROMPTS, 5, base_seed=8, targets=TARGETS), settings, scorers, **kwargs)
+    moved, _ = evaluate_settings(t2i, make_prompt_set(PROMPTS, 5, base_seed=8, targets=TARGETS), settings, metrics, **kwargs)
     assert moved[1]["clip_score"] != first[1]["clip_score"] and moved[1]["fid"] != first[1]["fid"]

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldmkit.eval.files import write_file
+
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 # A1111's re_param_code: `Key: value` where value is a JSON string or runs to the next comma.
@@ -143,19 +145,18 @@ def to_pil_image(image: Image.Image | torch.Tensor | np.ndarray) -> Image.Image:
 
 
 def save_png_with_parameters(
-    image: Image.Image | torch.Tensor | np.ndarray, path: str | os.PathLike, params: GenerationParameters
+    image: Image.Image | torch.Tensor | np.ndarray, path: str | os.PathLike, params: GenerationParameters,
+    *, overwrite: bool = True,
 ) -> Path:
     """Write `image` as PNG with `params` in a "parameters" text chunk (tEXt, or iTXt when the
-    text is not Latin-1). `params.size` defaults to the image's size."""
+    text is not Latin-1). `params.size` defaults to the image's size. Written atomically; with
+    overwrite=False an existing file is kept and FileExistsError raised."""
     pil = to_pil_image(image)
     if params.size is None:
         params = dataclasses.replace(params, size=pil.size)
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, format_parameters(params))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path, format="PNG", pnginfo=info)
-    return path
+    return write_file(path, lambda f: pil.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
 def read_png_parameters(path: str | os.PathLike) -> GenerationParameters | None:

@@ -4,10 +4,12 @@ grids side by side, written as `report.md` (+ assets) and a self-contained `repo
 Plots are inline SVG drawn here (no plotting dependency); images are PNG data URIs, so the
 HTML file can be mailed or attached to a W&B run as is.
 
-A result row is a dict with keys from `COLUMNS` (missing or None metrics render as "n/a"):
-    sampler, steps, guidance, nfe, fid, kid_mean, kid_std, clip_score,
-    prompt_accuracy ({"colour", "shape", "both"} or None), sec_per_image, peak_mem_mb,
-    clip_model (name of the model that computed clip_score)
+A result row is a dict (missing or None metrics render as "n/a"): sampler, steps, guidance, nfe,
+sec_per_image, peak_mem_mb, num_images and each metric's fields (`ldmkit.eval.metrics`), e.g. fid,
+kid_mean, kid_std, clip_score, clip_model (the model that computed clip_score), prompt_accuracy
+({"colour", "shape", "both"} or None). The table's columns come from the metrics (`report_columns`);
+the notes on how the numbers were measured are given by the caller. Files are written atomically and
+never replace an earlier report: a folder that holds one gets report-2.md, report-3.md, ...
 Grids map a setting `(sampler, steps, guidance)` (or any label string) to one image
 (PIL, uint8 (3, H, W) / (H, W, 3), or float (3, H, W) in [-1, 1]).
 """
@@ -17,12 +19,15 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ldmkit.eval.files import free_stem, write_file, write_text
+from ldmkit.eval.metrics.base import Column, fmt as _fmt, missing as _missing
 from ldmkit.eval.pngmeta import to_pil_image
 
 Row = Mapping[str, Any]
@@ -30,53 +35,36 @@ ACCURACY_KEYS = ("colour", "shape", "both")
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
 
-# (header, row -> cell text)
-COLUMNS: tuple[tuple[str, Any], ...] = (
-    ("sampler", lambda r: str(r.get("sampler", "n/a"))),
-    ("steps", lambda r: _fmt(r.get("steps"), "d")),
-    ("guidance", lambda r: _fmt(r.get("guidance"), "g")),
-    ("NFE", lambda r: _fmt(r.get("nfe"), "d")),
-    ("FID ↓", lambda r: _fmt(r.get("fid"), ".2f")),
-    ("KID ↓", lambda r: _kid(r)),
-    ("CLIP score ↑", lambda r: _fmt(r.get("clip_score"), ".2f")),
-    ("colour acc ↑", lambda r: _pct(_acc(r, "colour"))),
-    ("shape acc ↑", lambda r: _pct(_acc(r, "shape"))),
-    ("both acc ↑", lambda r: _pct(_acc(r, "both"))),
-    ("s / image", lambda r: _fmt(r.get("sec_per_image"), ".3g")),
-    ("peak mem (MB)", lambda r: _fmt(r.get("peak_mem_mb"), ".0f")),
+DEFAULT_METRICS = ("fid", "kid", "clip_score", "prompt_accuracy")  # conf/eval.yaml's metrics, in order
+LEADING = (
+    Column("sampler", lambda r: str(r.get("sampler", "n/a"))),
+    Column("steps", lambda r: _fmt(r.get("steps"), "d")),
+    Column("guidance", lambda r: _fmt(r.get("guidance"), "g")),
+    Column("NFE", lambda r: _fmt(r.get("nfe"), "d")),
 )
+TRAILING = (
+    Column("s / image", lambda r: _fmt(r.get("sec_per_image"), ".3g")),
+    Column("peak mem (MB)", lambda r: _fmt(r.get("peak_mem_mb"), ".0f")),
+)
+
+
+def report_columns(metric_classes: Sequence[Any] | None = None) -> tuple[Column, ...]:
+    """The table's columns: setting and NFE, each metric's own columns (on or off: n/a), timing and memory.
+    None: the default metrics."""
+    if metric_classes is None:
+        from ldmkit.eval.metrics import metric_classes as known
+
+        classes = known()
+        metric_classes = [classes[name] for name in DEFAULT_METRICS]
+    return (*LEADING, *(c for cls in metric_classes for c in cls.columns), *TRAILING)
 
 
 # --- formatting ----------------------------------------------------------------------------
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if _missing(value):
-        return "n/a"
-    try:
-        return format(int(value) if spec == "d" else float(value), spec)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _kid(row: Row) -> str:
-    mean, std = row.get("kid_mean"), row.get("kid_std")
-    if _missing(mean):
-        return "n/a"
-    return f"{mean:.4f}" + ("" if _missing(std) else f" ± {std:.4f}")
-
-
 def _acc(row: Row, key: str) -> float | None:
     accuracy = row.get("prompt_accuracy")
     return accuracy.get(key) if isinstance(accuracy, Mapping) else None
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if _missing(value) else f"{100 * value:.1f}%"
 
 
 def sorted_rows(rows: Sequence[Row]) -> list[Row]:
@@ -274,16 +262,22 @@ def _header_lines(rows: Sequence[Row]) -> list[str]:
     return [f"{len(rows)} settings; CLIP score computed by: {', '.join(models) if models else 'n/a'}."]
 
 
+def notes_markdown(notes: Sequence[str]) -> list[str]:
+    return ["", "## How these numbers were measured", "", *[f"- {n}" for n in notes], ""] if notes else []
+
+
 def render_markdown(rows: Sequence[Row], grid_files: Mapping[Any, str], plot_files: Sequence[str],
-                    title: str, prompts: Sequence[str] | None = None) -> str:
+                    title: str, prompts: Sequence[str] | None = None, notes: Sequence[str] = (),
+                    columns: Sequence[Column] | None = None) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
+    columns = report_columns() if columns is None else columns
     lines = [f"# {title}", "", *_header_lines(rows), "", "## Metrics", ""]
-    lines.append("| " + " | ".join(h for h, _ in COLUMNS) + " |")
-    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    lines.append("| " + " | ".join(c.header for c in columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
     for r in sorted_rows(rows):
-        lines.append("| " + " | ".join(cell(fn(r)) for _, fn in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(c.cell(r)) for c in columns) + " |")
     lines += ["", "## Plots", ""] + [f"![plot]({p})" for p in plot_files] + [""]
     if grid_files:
         lines += ["## Samples (same prompts and seeds for every sampler)", ""]
@@ -293,7 +287,7 @@ def render_markdown(rows: Sequence[Row], grid_files: Mapping[Any, str], plot_fil
             lines += [f"### {section}", "", "| " + " | ".join(cell(n) for n, _ in items) + " |",
                       "|" + "|".join("---" for _ in items) + "|",
                       "| " + " | ".join(f"![{cell(n)}]({f})" for n, f in items) + " |", ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n".join(notes_markdown(notes))
 
 
 # --- html ----------------------------------------------------------------------------------
@@ -314,26 +308,28 @@ figure img { image-rendering: pixelated; max-width: 100%; border: 1px solid #ccc
 
 
 def render_html(rows: Sequence[Row], grids: Mapping[Any, Any], title: str,
-                prompts: Sequence[str] | None = None) -> str:
+                prompts: Sequence[str] | None = None, notes: Sequence[str] = (),
+                columns: Sequence[Column] | None = None) -> str:
     e = html.escape
+    columns = report_columns() if columns is None else columns
     ordered = sorted_rows(rows)
-    # Bold the best value per column (lowest FID/KID, highest CLIP score and accuracies).
-    best: dict[str, float] = {}
-    for header, key, better in (("FID ↓", "fid", min), ("KID ↓", "kid_mean", min),
-                                ("CLIP score ↑", "clip_score", max)):
-        values = [r.get(key) for r in ordered if not _missing(r.get(key))]
-        if values:
-            best[header] = _fmt(better(values), ".2f" if key != "kid_mean" else ".4f")
+    # Bold the best value per column that says which is better (e.g. lowest FID, highest CLIP score).
+    best: dict[str, str] = {}
+    for column in columns:
+        if column.best in ("min", "max") and column.key:
+            values = [r.get(column.key) for r in ordered if not _missing(r.get(column.key))]
+            if values:
+                best[column.header] = _fmt((min if column.best == "min" else max)(values), column.spec)
 
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
     out += [f"<p>{e(line)}</p>" for line in _header_lines(rows)]
     out += ["<h2>Metrics</h2>", '<table class="metrics" id="metrics">', "<thead><tr>"]
-    out += [f"<th>{e(h)}</th>" for h, _ in COLUMNS] + ["</tr></thead>", "<tbody>"]
+    out += [f"<th>{e(c.header)}</th>" for c in columns] + ["</tr></thead>", "<tbody>"]
     for r in ordered:
         cells = []
-        for header, fn in COLUMNS:
-            text = fn(r)
+        for column in columns:
+            header, text = column.header, column.cell(r)
             classes = ["na"] if text == "n/a" else []
             if header in best and text.split(" ± ")[0] == best[header]:
                 classes.append("best")
@@ -354,8 +350,22 @@ def render_html(rows: Sequence[Row], grids: Mapping[Any, Any], title: str,
                 out.append(f'<figure><img alt="{e(name)}" width="{pil.width * zoom}" src="{png_data_uri(pil)}">'
                            f"<figcaption>{e(name)}</figcaption></figure>")
             out.append("</div>")
+    if notes:
+        out.append("<h2>How these numbers were measured</h2><ul class=\"notes\">"
+                   + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def report_names(suffix: str) -> list[str]:
+    """What one eval run writes into its folder (suffix "" for the first report, "-2", ... after)."""
+    return [f"report{suffix}.md", f"report{suffix}.html", f"report{suffix}_assets", f"metrics{suffix}.json",
+            f"images{suffix}"]
+
+
+def claim_report_suffix(out_dir: str | os.PathLike) -> str:
+    """A suffix none of whose `report_names` exist in `out_dir`, claimed by creating its assets folder."""
+    return free_stem(Path(out_dir), report_names, lambda suffix: f"report{suffix}_assets")
 
 
 def write_report(
@@ -365,33 +375,42 @@ def write_report(
     *,
     title: str = "ldmkit sampler evaluation",
     prompts: Sequence[str] | None = None,
+    notes: Sequence[str] = (),
+    columns: Sequence[Column] | None = None,
+    suffix: str | None = None,
 ) -> dict[str, Path]:
-    """Writes report.md (with report_assets/: grid PNGs, plot SVGs) and self-contained
-    report.html into `out_dir`; returns their paths."""
+    """Writes report.md (with report_assets/: grid PNGs, plot SVGs) and self-contained report.html into
+    `out_dir`, with a section on how the numbers were measured (`notes`); returns their paths. An earlier
+    report there is kept: this one gets the next free suffix (`suffix`: one already claimed)."""
     out_dir = Path(out_dir)
-    assets = out_dir / "report_assets"
+    suffix = claim_report_suffix(out_dir) if suffix is None else suffix
+    assets = out_dir / f"report{suffix}_assets"
     assets.mkdir(parents=True, exist_ok=True)
-    for stale in [*assets.glob("grid_*.png"), *assets.glob("plot_*.svg")]:  # from an earlier report
-        stale.unlink()
     grids = dict(grids or {})
 
     grid_files: dict[Any, str] = {}
     for i, (key, image) in enumerate(grids.items()):
         name = f"grid_{i:02d}_" + "".join(c if c.isalnum() else "_" for c in grid_label(key))[:60] + ".png"
-        (assets / name).write_bytes(png_bytes(image))
-        grid_files[key] = f"report_assets/{name}"
+        data = png_bytes(image)
+        write_file(assets / name, lambda f: f.write(data))
+        grid_files[key] = f"{assets.name}/{name}"
     plot_files = []
     for i, svg in enumerate([*fid_vs_nfe_svgs(rows), clip_vs_fid_svg(rows)]):
         if svg.startswith("<svg"):
             name = f"plot_{i:02d}.svg"
-            (assets / name).write_text(svg, encoding="utf-8")
-            plot_files.append(f"report_assets/{name}")
+            write_text(assets / name, svg)
+            plot_files.append(f"{assets.name}/{name}")
 
-    md = out_dir / "report.md"
-    md.write_text(render_markdown(rows, grid_files, plot_files, title, prompts), encoding="utf-8")
-    page = out_dir / "report.html"
-    page.write_text(render_html(rows, grids, title, prompts), encoding="utf-8")
+    md = write_text(out_dir / f"report{suffix}.md",
+                    render_markdown(rows, grid_files, plot_files, title, prompts, notes, columns))
+    page = write_text(out_dir / f"report{suffix}.html", render_html(rows, grids, title, prompts, notes, columns))
     return {"markdown": md, "html": page, "assets": assets}
+
+
+def write_metrics_json(out_dir: str | os.PathLike, rows: Sequence[Row], notes: Sequence[str], suffix: str = "") -> Path:
+    """metrics.json: the rows and notes of the report with the same suffix."""
+    text = json.dumps({"rows": list(rows), "notes": list(notes)}, indent=2, default=str)
+    return write_text(Path(out_dir) / f"metrics{suffix}.json", text)
 
 
 def log_report_to_wandb(rows: Sequence[Row], grids: Mapping[Any, Any] | None, run: Any,

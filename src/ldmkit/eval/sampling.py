@@ -10,8 +10,8 @@ rank j % world_size. Each process keeps per-batch results (Inception features, C
 by the global batch index, and rank 0 folds them in batch order, so N processes give bit for bit
 the metrics of one process (floating-point sums are not reordered).
 
-Streaming: images are scored per batch (Inception features, CLIP score, prompt attributes) and then
-dropped; only features (for FID/KID), a few grid images and counters are kept.
+Streaming: images are scored per batch by every metric (`ldmkit.eval.metrics`: each returns a small
+partial result) and then dropped; only the partials, a few grid images and counters are kept.
 
 NFE: the number of denoiser evaluations per image, counted on the UNet itself (forward calls per
 batch). With classifier-free guidance (guidance != 1) each evaluation is one forward of the batched
@@ -23,18 +23,16 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ldmkit.eval.clip_score import CLIPScore, PromptAccuracy
-from ldmkit.eval.fid import FeatureStats, to_uint8_images
+from ldmkit.eval.fid import to_uint8_images
+from ldmkit.eval.metrics.base import Metric, SampledBatch
 from ldmkit.eval.pngmeta import GenerationParameters, save_png_with_parameters
 
 Gather = Callable[[Any], list[Any]]  # all_gather_object: this rank's object -> every rank's, in rank order
@@ -97,30 +95,11 @@ def rank_batches(batches: Sequence[range], rank: int, world_size: int) -> list[t
     return [(j, batch) for j, batch in enumerate(batches) if j % world_size == rank]
 
 
-def single_object(target: dict | None) -> bool:
-    """The judge reads one object per image, so only single-object prompts are judged."""
-    return bool(target) and len(target.get("objects", [])) == 1
-
-
-@dataclass
-class Scorers:
-    """What scores each batch; any may be None (that metric is n/a)."""
-
-    extractor: Callable[[Tensor], Tensor] | None = None  # uint8 images -> (B, D) Inception features
-    clip: CLIPScore | None = None
-    judge: Callable[[Tensor], list[dict]] | None = None  # images -> predicted attributes
-    judge_attributes: tuple[str, ...] = ("colour", "shape")
-
-
 @dataclass
 class ShardResult:
     """What one process measured for one setting (small and picklable, for all_gather_object)."""
 
-    features: dict[int, np.ndarray] = field(default_factory=dict)  # batch j -> (B, D) float32
-    clip_sums: dict[int, float] = field(default_factory=dict)  # batch j -> sum of its CLIP scores
-    correct: Counter = field(default_factory=Counter)
-    total: Counter = field(default_factory=Counter)
-    judged: int = 0
+    partials: dict[str, dict[int, Any]] = field(default_factory=dict)  # metric name -> batch j -> partial
     images: int = 0
     seconds: float = 0.0
     peak_mem_mb: float | None = None
@@ -181,7 +160,7 @@ def sample_shard(
     prompt_set: PromptSet,
     setting: Setting,
     batches: Sequence[tuple[int, range]],
-    scorers: Scorers,
+    metrics: Sequence[Metric],
     *,
     height: int,
     width: int,
@@ -213,78 +192,55 @@ def sample_shard(
             result.nfe = counter.calls
             counter.close()
         result.images += len(prompts)
-        _score_batch(result, j, batch, images, prompt_set, scorers)
+        _score_batch(result, j, batch, images, prompt_set, metrics)
         for k, i in enumerate(batch):
             if i < grid_size:
                 result.grid[i] = to_uint8_images(images[k : k + 1]).cpu()[0]
             if image_dir is not None:
                 params = generation_parameters(t2i, setting, prompt_set.prompts[i], negative_prompt,
                                                prompt_set.seeds[i], width, height, guidance_rescale, options)
-                save_png_with_parameters(images[k], Path(image_dir) / setting.slug / f"{i:05d}.png", params)
+                save_png_with_parameters(images[k], Path(image_dir) / setting.slug / f"{i:05d}.png", params,
+                                         overwrite=False)
     result.peak_mem_mb = peak_memory_mb(device)
     return result
 
 
 @torch.no_grad()
 def _score_batch(result: ShardResult, j: int, batch: range, images: Tensor, prompt_set: PromptSet,
-                 scorers: Scorers) -> None:
-    if scorers.extractor is not None:
-        result.features[j] = scorers.extractor(to_uint8_images(images)).float().cpu().numpy()  # (B, D)
-    if scorers.clip is not None:
-        scores = scorers.clip.update(images, [prompt_set.prompts[i] for i in batch])  # (B,)
-        result.clip_sums[j] = float(scores.double().sum())
-    if scorers.judge is not None:
-        judged = [k for k, i in enumerate(batch) if single_object(prompt_set.targets[i])]
-        if judged:
-            accuracy = PromptAccuracy(scorers.judge, scorers.judge_attributes)
-            accuracy.update(images[judged], [prompt_set.targets[batch[k]] for k in judged])
-            result.correct.update(accuracy.correct)
-            result.total.update(accuracy.total)
-            result.judged += len(judged)
+                 metrics: Sequence[Metric]) -> None:
+    sampled = SampledBatch(list(batch), images, [prompt_set.prompts[i] for i in batch],
+                           [prompt_set.targets[i] for i in batch])
+    for metric in metrics:
+        result.partials.setdefault(metric.name, {})[j] = metric.update(sampled)
+
+
+def empty_row(metric_classes: Sequence[type[Metric]]) -> dict[str, Any]:
+    """The n/a fields of every configured metric, on or off."""
+    return {key: value for cls in metric_classes for key, value in cls.row.items()}
 
 
 def merge_shards(
     shards: Sequence[ShardResult],
     setting: Setting,
+    metrics: Sequence[Metric],
     *,
-    reference: FeatureStats | None = None,
-    kid: bool = True,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    clip_model: str | None = None,
-    judge_attributes: Sequence[str] = ("colour", "shape"),
+    off: Sequence[type[Metric]] = (),
 ) -> tuple[dict[str, Any], Tensor | None]:
-    """One report row (see `ldmkit.eval.report`) and the setting's grid from every rank's shard."""
-    features = {j: f for shard in shards for j, f in shard.features.items()}
-    clip_sums = {j: s for shard in shards for j, s in shard.clip_sums.items()}
+    """One report row (see `ldmkit.eval.report`) and the setting's grid from every rank's shard;
+    `off` are the metrics configured but not measured (their fields stay n/a)."""
     images = sum(shard.images for shard in shards)
     row: dict[str, Any] = {
         "sampler": setting.sampler, "steps": setting.steps, "guidance": setting.guidance,
         "nfe": next((shard.nfe for shard in shards if shard.nfe is not None), None),
-        "fid": None, "kid_mean": None, "kid_std": None, "clip_score": None, "prompt_accuracy": None,
+        **empty_row([*(type(m) for m in metrics), *off]),
         "sec_per_image": sum(shard.seconds for shard in shards) / images if images else None,
         "peak_mem_mb": max((s.peak_mem_mb for s in shards if s.peak_mem_mb is not None), default=None),
-        "clip_model": clip_model, "num_images": images, "judged_prompts": sum(s.judged for s in shards),
+        "num_images": images,
     }
-    if reference is not None and features:
-        stats = FeatureStats(keep_features=kid)
-        for j in sorted(features):  # global batch order: the same float sums as one process
-            stats.update_features(features[j])
-        row["fid"] = stats.compute_fid(reference)
-        if kid:
-            size = min(kid_subset_size, stats.num_samples, reference.num_samples)
-            row["kid_mean"], row["kid_std"] = stats.compute_kid(reference, kid_subsets, size)
-    if clip_sums:
-        total = 0.0
-        for j in sorted(clip_sums):  # as CLIPScore.compute, batch by batch in global order
-            total += clip_sums[j]
-        row["clip_score"] = total / images
-    if any(shard.judged for shard in shards):
-        accuracy = PromptAccuracy(attributes=judge_attributes)
-        for shard in shards:
-            accuracy.correct.update(shard.correct)
-            accuracy.total.update(shard.total)
-        row["prompt_accuracy"] = accuracy.compute()
+    for metric in metrics:
+        partials = {j: p for shard in shards for j, p in shard.partials.get(metric.name, {}).items()}
+        if partials:
+            row.update(metric.merge([partials[j] for j in sorted(partials)]))  # global batch order
     grid_images = {i: im for shard in shards for i, im in shard.grid.items()}
     grid = torch.cat([grid_images[i] for i in sorted(grid_images)], dim=2) if grid_images else None  # (3, H, K·W)
     return row, grid
@@ -294,7 +250,7 @@ def evaluate_settings(
     t2i: Any,
     prompt_set: PromptSet,
     settings: Sequence[Setting],
-    scorers: Scorers,
+    metrics: Sequence[Metric],
     *,
     batch_size: int,
     height: int,
@@ -302,10 +258,7 @@ def evaluate_settings(
     rank: int = 0,
     world_size: int = 1,
     gather: Gather | None = None,
-    reference: FeatureStats | None = None,
-    kid: bool = True,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
+    off: Sequence[type[Metric]] = (),
     negative_prompt: str = "",
     guidance_rescale: float = 0.0,
     sampler_options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -315,8 +268,8 @@ def evaluate_settings(
 ) -> tuple[list[dict[str, Any]], dict[tuple, Tensor]]:
     """Rows and grids of every setting (complete on rank 0; empty on the other ranks).
 
-    `gather` is all_gather_object over the process group (None: a single process). `reference`
-    holds the real images' features (None: FID/KID n/a) and is only needed on rank 0.
+    `gather` is all_gather_object over the process group (None: a single process). `metrics` are set
+    up (`Metric.setup`); `off` are configured metrics that are not measured (n/a fields).
     `sampler_options` maps a sampler name to the options it gets (eta, spacing, ...).
     """
     gather = gather or (lambda obj: [obj])
@@ -324,18 +277,14 @@ def evaluate_settings(
     rows, grids = [], {}
     for setting in settings:
         shard = sample_shard(
-            t2i, prompt_set, setting, batches, scorers, height=height, width=width,
+            t2i, prompt_set, setting, batches, metrics, height=height, width=width,
             negative_prompt=negative_prompt, guidance_rescale=guidance_rescale,
             sampler_options=(sampler_options or {}).get(setting.sampler), grid_size=grid_size, image_dir=image_dir,
         )
         shards = gather(shard)
         if rank != 0:
             continue
-        row, grid = merge_shards(
-            shards, setting, reference=reference, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-            clip_model=scorers.clip.model_name if scorers.clip is not None else None,
-            judge_attributes=scorers.judge_attributes,
-        )
+        row, grid = merge_shards(shards, setting, metrics, off=off)
         rows.append(row)
         if grid is not None:
             grids[setting.key] = grid

@@ -1,0 +1,156 @@
+"""The metric contract of `python eval.py` (task=sampled_sets).
+
+A metric is one class, configured by one file in `conf/metrics/` (`_target_` + options), that
+- `check(context)`s the config before any weight is read (False: n/a for this run, e.g. no judge for this data),
+- `setup(context)`s what it scores with (networks, cached reference statistics; rank 0 runs it first),
+- `update(batch)`s: scores one batch of samples into a small picklable partial result,
+- `merge(partials)`s the partials of every batch of a setting, in global batch order, into row fields
+  (so N processes give bit for bit the numbers of one),
+- declares its report `columns` and the fields (`row`) it fills, and writes a `note` on how it was measured.
+
+Features that several metrics share (e.g. Inception features for FID and KID) are computed once per
+batch through `SampledBatch.features(extractor)`; shared networks and references through
+`EvalContext.shared(key, build)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Row = Mapping[str, Any]
+
+
+# --- report cells ---------------------------------------------------------------------------
+
+
+def missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt(value: Any, spec: str) -> str:
+    if missing(value):
+        return "n/a"
+    try:
+        return format(int(value) if spec == "d" else float(value), spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if missing(value) else f"{100 * value:.1f}%"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One report column: its header and cell text; `best` ("min"/"max") bolds the best `key` value,
+    compared as text formatted with `spec`."""
+
+    header: str
+    cell: Callable[[Row], str]
+    key: str | None = None
+    best: str | None = None
+    spec: str = ".2f"
+
+
+# --- what metrics see ----------------------------------------------------------------------
+
+
+@dataclass
+class EvalContext:
+    """The checked facts of a sampled-sets run a metric may read (built once by `ldmkit.eval.plan`)."""
+
+    ldm_config: dict[str, Any]
+    datamodule: Any | None  # None when prompts come from a file and no metric needs real images
+    split: str
+    file_prompts: list[str] | None
+    num_samples: int
+    height: int
+    width: int
+    cache_dir: Path
+    data_identity: str  # data config hash: reference statistics are only reusable for the same data
+    enabled: frozenset[str] = frozenset()  # names of the metrics switched on in the config
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """One object per key for every metric of the run (e.g. the Inception network and reference)."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
+
+    @property
+    def data_name(self) -> str:
+        return getattr(self.datamodule, "name", "data")
+
+
+@dataclass
+class SampledBatch:
+    """One global batch of samples: sample indices, images (B, 3, H, W) in [-1, 1], their prompts and
+    targets (the data's attributes, or None)."""
+
+    indices: Sequence[int]
+    images: Tensor
+    prompts: list[str]
+    targets: list[dict | None]
+    _features: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def features(self, extractor: Callable[[Tensor], Tensor]) -> np.ndarray:
+        """(B, D) float32 features of uint8-quantised images, computed once per extractor."""
+        key = id(extractor)
+        if key not in self._features:
+            from ldmkit.eval.fid import to_uint8_images
+
+            with torch.no_grad():
+                self._features[key] = extractor(to_uint8_images(self.images)).float().cpu().numpy()
+        return self._features[key]
+
+
+# --- the contract ---------------------------------------------------------------------------
+
+
+class Metric:
+    """Base of every metric; see the module docstring. Subclasses set the class attributes."""
+
+    name: ClassVar[str]  # key under `metrics:` (conf/metrics/<name>.yaml)
+    row: ClassVar[dict[str, Any]]  # the row fields this metric fills, with their n/a values
+    columns: ClassVar[tuple[Column, ...]] = ()
+    needs_real_images: ClassVar[bool] = False  # the data's real images of the split (FID-like metrics)
+
+    @classmethod
+    def switched_on(cls, root: Mapping[str, Any]) -> Metric:
+        """The metric for `metrics.<name>=true` (its config node replaced): its defaults, with the options
+        it shares with the whole eval config (`root`, e.g. inception_path)."""
+        return cls()
+
+    @classmethod
+    def off_note(cls) -> str | None:
+        """The report's note when the metric is off (None: nothing to say)."""
+        return None
+
+    def check(self, context: EvalContext) -> bool:
+        """Cheap checks before anything is loaded; raise EvalConfigError with the fix, or return False
+        when the metric does not apply to this run."""
+        return True
+
+    def setup(self, context: EvalContext) -> None:
+        """Load what scores (on `context.device`); runs on rank 0 first, so caches are filled once."""
+
+    def update(self, batch: SampledBatch) -> Any:
+        """This batch's partial result: small and picklable (gathered across processes)."""
+        raise NotImplementedError
+
+    def merge(self, partials: Sequence[Any]) -> dict[str, Any]:
+        """Row fields from the partials of every batch of one setting, in global batch order."""
+        raise NotImplementedError
+
+    def note(self, context: EvalContext, rows: Sequence[Row]) -> str | None:
+        """How the numbers were measured, for the report."""
+        return None
