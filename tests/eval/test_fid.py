@@ -170,3 +170,46 @@ def test_reference_stats_are_cached_and_keyed(tmp_path):
     extractor.identity = "pooled-colour-v2"
     reference_stats(batches, extractor, tmp_path, **kwargs)
     assert len(list(tmp_path.glob("ref-*.npz"))) == 4
+
+
+def test_inception_weights_are_read_safely_checked_and_safetensors_give_the_same_features(
+    tmp_path, inception_weights, empty_hub, monkeypatch, recwarn
+):
+    """The state dict is read with weights_only=True (or safetensors) and handed to torch-fidelity's
+    network, whose own loader (torch.load with weights_only=False) never runs; a file that is not the
+    official one (SHA-256 6726825d...) warns that FID is not comparable to published numbers."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+    from safetensors.torch import save_file
+
+    hook = tf_inception.load_state_dict_from_url
+    real_load = torch.load
+
+    def guarded_load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, "a weights file was unpickled without weights_only=True"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded_load)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with pytest.warns(fid.UnofficialInceptionWeightsWarning, match="NOT comparable to published numbers"):
+        from_pth = InceptionFeatureExtractor(inception_weights)
+    assert from_pth.official is False and tf_inception.load_state_dict_from_url is hook  # hook restored
+
+    state = torch.load(inception_weights, weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "inception.safetensors"))
+    with pytest.warns(fid.UnofficialInceptionWeightsWarning):
+        from_safetensors = InceptionFeatureExtractor(tmp_path / "inception.safetensors")
+    assert torch.equal(from_pth(images), from_safetensors(images))
+
+    # the official file's hash: no warning (pretend the test file is it)
+    monkeypatch.setattr(fid, "INCEPTION_WEIGHTS_SHA256", from_pth.sha256)
+    recwarn.clear()
+    assert InceptionFeatureExtractor(inception_weights).official is True
+    assert not [w for w in recwarn if issubclass(w.category, fid.UnofficialInceptionWeightsWarning)]
+
+
+def test_inception_weights_with_other_keys_fail_clearly(tmp_path, empty_hub):
+    from ldmkit.nn.weights_file import WeightsFileError
+
+    torch.save({"conv.weight": torch.ones(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsFileError, match=r"not torch-fidelity's Inception-v3 weights file .*Missing key"):
+        InceptionFeatureExtractor(tmp_path / "other.pth")

@@ -133,14 +133,35 @@ def test_nonfinite_guard_without_it_weights_become_nan(tmp_path):
     assert not torch.isfinite(module.net[0].weight).all()
 
 
-def test_nonfinite_guard_stops_after_too_many_in_a_row(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_nonfinite_guard_stops_after_too_many_in_a_row(tmp_path, precision):
     guard = NonFiniteGuard(max_consecutive=3)
     with pytest.raises(NonFiniteTrainingError) as err:
-        fit(tmp_path, 20, [guard], module_kwargs={"nan_steps": list(range(2, 20))})
+        fit(tmp_path, 20, [guard], module_kwargs={"nan_steps": list(range(2, 20))}, precision=precision)
     message = str(err.value)
     assert "3 optimizer steps in a row" in message and "global step 4" in message
-    assert "learning rate" in message and "precision=32-true" in message and "bad data" in message
+    assert "learning rate" in message and "bad data" in message
     assert "first parameter with a non-finite gradient is `net." in message
+    if precision == "32-true":  # the advice fits the run: no "try precision=32-true" when it already is
+        assert "try trainer.precision" not in message and "already uses precision=32-true" in message
+    else:
+        assert "precision=bf16-mixed: try trainer.precision=32-true" in message
+    assert "trainer.gradient_clip_val=1.0" in message
+
+
+@pytest.mark.parametrize("precision, clip, expected, unexpected", [
+    ("32-true", None, ["already uses precision=32-true", "gradient_clip_val=1.0"], ["try trainer.precision"]),
+    ("64-true", 1.0, ["already uses precision=64-true"], ["try trainer.precision", "gradient_clip_val"]),
+    ("16-mixed", None, ["try trainer.precision=bf16-mixed", "32-true", "gradient_clip_val=1.0"], []),
+    ("bf16-mixed", 0.5, ["try trainer.precision=32-true"], ["bf16-mixed (", "gradient_clip_val"]),
+    ("bf16-true", None, ["try trainer.precision=32-true or bf16-mixed"], []),
+])
+def test_nonfinite_advice_depends_on_the_run_precision(precision, clip, expected, unexpected):
+    from ldmkit.lit.callbacks import precision_advice
+
+    advice = precision_advice(precision, clip)
+    assert all(text in advice for text in expected), advice
+    assert not any(text in advice for text in unexpected), advice
 
 
 def test_nonfinite_guard_covers_manual_optimization(tmp_path):

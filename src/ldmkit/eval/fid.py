@@ -1,9 +1,10 @@
 """FID and KID on torch-fidelity's Inception-v3, with streaming feature statistics.
 
 The network is torch-fidelity's `FeatureExtractorInceptionV3` (the TF-ported 2015-12-05
-weights every published FID uses); the metric math follows `torch_fidelity/metric_fid.py`
-and `metric_kid.py` (v0.4.0) line by line, so numbers are comparable to
-`torch_fidelity.calculate_metrics` on the same images (tests check this).
+weights every published FID uses), built without its own loader (which unpickles the weights
+file fully) and given the state dict we read with `weights_only=True`. The metric math follows
+`torch_fidelity/metric_fid.py` and `metric_kid.py` (v0.4.0) line by line, so numbers are comparable
+to `torch_fidelity.calculate_metrics` on the same images (tests check this).
 
 FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule...", eq. (6).
 KID: Binkowski et al. 2018, "Demystifying MMD GANs", sec. 3 (unbiased MMD^2, cubic kernel).
@@ -14,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,9 @@ INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
 )
+# SHA-256 of the official file (torch-fidelity v0.2.0 release; byte-identical to pytorch-fid's
+# pt_inception-2015-12-05-6726825d.pth): the name carries its first 8 hex digits, as torch.hub expects.
+INCEPTION_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_WEIGHTS_ENV = "LDMKIT_INCEPTION_WEIGHTS"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # torch-fidelity's `samples_find_ext` default
 
@@ -37,6 +43,10 @@ KID_SEED = 2020
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
     """The Inception-v3 weights file needed for FID/KID is not on disk."""
+
+
+class UnofficialInceptionWeightsWarning(UserWarning):
+    """The Inception-v3 weights are not the official file: FID/KID are not comparable to published numbers."""
 
 
 def hub_inception_weights_path() -> Path:
@@ -68,19 +78,67 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
     )
 
 
-def _file_digest(path: Path, chars: int = 16) -> str:
+def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:chars]
+    return digest.hexdigest()
+
+
+def warn_if_unofficial(path: Path, sha256: str) -> bool:
+    """Warn (UnofficialInceptionWeightsWarning) unless `sha256` is the official file's; True if official."""
+    if sha256 == INCEPTION_WEIGHTS_SHA256:
+        return True
+    warnings.warn(
+        f"Inception weights '{path}' are not the official {INCEPTION_WEIGHTS_FILENAME} (SHA-256 {sha256[:16]}..., "
+        f"expected {INCEPTION_WEIGHTS_SHA256[:16]}...). FID/KID computed with them are NOT comparable to published "
+        f"numbers nor to runs with the official weights, only to runs with this same file. For comparable numbers "
+        f"use the file from {INCEPTION_WEIGHTS_URL}.",
+        UnofficialInceptionWeightsWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def build_inception(state_dict: dict[str, Tensor], weights_path: Path | None = None) -> nn.Module:
+    """torch-fidelity's `FeatureExtractorInceptionV3` holding `state_dict`, built without its loader.
+
+    Its constructor reads weights itself, with `torch.load(path, weights_only=False)` (a full
+    unpickle: a crafted file runs code) or by downloading. It is handed the state dict we already
+    read with `weights_only=True` through its download hook instead, so neither happens; renaming
+    the hook in a future torch-fidelity makes this fail loudly (AttributeError), never download.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    from ldmkit.nn.weights_file import WeightsFileError
+
+    with _BUILD_LOCK:
+        hook = tf_inception.load_state_dict_from_url
+        tf_inception.load_state_dict_from_url = lambda *args, **kwargs: state_dict
+        try:
+            return tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", [InceptionFeatureExtractor.feature_layer])
+        except RuntimeError as err:  # load_state_dict(strict=True): missing/unexpected keys or shapes
+            found = [kind for kind in ("Missing key(s)", "Unexpected key(s)", "size mismatch") if kind in str(err)]
+            raise WeightsFileError(
+                f"'{weights_path}' is not torch-fidelity's Inception-v3 weights file ({INCEPTION_WEIGHTS_FILENAME}): "
+                f"{', '.join(found) or str(err).splitlines()[0]} against its network. "
+                f"Download the official file from {INCEPTION_WEIGHTS_URL}."
+            ) from err
+        finally:
+            tf_inception.load_state_dict_from_url = hook
 
 
 class InceptionFeatureExtractor(nn.Module):
     """uint8 images (B, 3, H, W) -> pool3 features (B, 2048) float32, via torch-fidelity.
 
     Resizing to 299x299 (TF1-compatible bilinear) and scaling happen inside torch-fidelity's
-    module, exactly as in `torch_fidelity.calculate_metrics`.
+    module, exactly as in `torch_fidelity.calculate_metrics`. The weights file (`.pth` or
+    `.safetensors`) is read with `weights_only=True`: one that needs code to load is refused
+    (`UntrustedWeightsError`); one that is not the official file gets a warning (`official` is False).
     """
 
     dim = 2048
@@ -88,18 +146,19 @@ class InceptionFeatureExtractor(nn.Module):
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from ldmkit.nn.weights_file import load_state_dict_file
 
         self.weights_path = resolve_inception_weights(weights_path)
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", [self.feature_layer], feature_extractor_weights_path=str(self.weights_path)
-        ).to(device)
+        state_dict = load_state_dict_file(self.weights_path, "Inception-v3 weights file (FID/KID)")
+        self.net = build_inception(state_dict, self.weights_path).to(device)
+        self.sha256 = _file_digest(self.weights_path)
+        self.official = warn_if_unofficial(self.weights_path, self.sha256)
         if torch.device(device).type == "cpu":
             # oneDNN's NHWC convolutions and pooling: ~25% less CPU time per image, features equal to
             # ~1e-6 relative (bench/fid_throughput.py, BENCHMARKS.md); not measured on CUDA, so left as is there.
             self.net.to(memory_format=torch.channels_last)
         # Reference statistics are only reusable with the very same weights: key caches on their hash.
-        self.identity = f"torch-fidelity-inception-v3-compat/{self.feature_layer}/{_file_digest(self.weights_path)}"
+        self.identity = f"torch-fidelity-inception-v3-compat/{self.feature_layer}/{self.sha256[:16]}"
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -246,12 +305,22 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
-        with np.load(path) as data:
-            stats = cls(keep_features="features" in data.files)
-            stats.num_samples = int(data["num_samples"])
-            stats._mean, stats._scatter = data["mean"], data["scatter"]
-            if stats.keep_features:
-                stats._features = [data["features"]]
+        try:
+            with np.load(path, allow_pickle=False) as data:  # pickles and object arrays are refused
+                stats = cls(keep_features="features" in data.files)
+                stats.num_samples = int(data["num_samples"])
+                stats._mean, stats._scatter = data["mean"], data["scatter"]
+                if stats.keep_features:
+                    stats._features = [data["features"]]
+        except ValueError as err:  # numpy: "Cannot load file containing pickled data" / "Object arrays ..."
+            if "pickle" not in str(err):
+                raise
+            from ldmkit.nn.weights_file import UntrustedWeightsError, untrusted_message
+
+            raise UntrustedWeightsError(untrusted_message(
+                path, "Feature statistics file", "it holds pickled Python objects",
+                "ldmkit writes these files itself; delete it (or point the cache elsewhere) and it is recomputed.",
+            )) from None
         return stats
 
 

@@ -325,6 +325,21 @@ def skip_nonfinite_step(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def precision_advice(precision: str, gradient_clip_val: float | None = None) -> str:
+    """The overflow hint of the NaN guard for the run's actual `trainer.precision`."""
+    clip = "" if gradient_clip_val else " or clip gradients with trainer.gradient_clip_val=1.0"
+    if precision in ("32-true", "32", "64-true", "64"):
+        return (f"exploding activations or gradients (not a low-precision overflow: the run already uses "
+                f"precision={precision}{'; clip them with trainer.gradient_clip_val=1.0' if clip else ''})")
+    if precision in ("16-mixed", "16"):
+        fix = "trainer.precision=bf16-mixed (same range as float32, on GPUs that support it) or 32-true"
+    elif precision.startswith("bf16") or precision.startswith("16"):
+        fix = "trainer.precision=32-true" + (" or bf16-mixed (float32 weights)" if precision.endswith("-true") else "")
+    else:
+        fix = "trainer.precision=32-true"
+    return f"low-precision overflow (precision={precision}: try {fix}{clip})"
+
+
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps had non-finite gradients."""
 
@@ -378,8 +393,8 @@ class NonFiniteGuard(Callback):
                 f"{self.consecutive} optimizer steps in a row had NaN/Inf gradients (the last at global step "
                 f"{trainer.global_step}; {self.skipped} skipped in total), so training stopped. {diagnosis}"
                 "Likely causes: the learning rate is too high (lower model.optimizer.lr or lengthen the warm-up); "
-                f"mixed-precision overflow (precision={trainer.precision}: try trainer.precision=32-true or "
-                "trainer.gradient_clip_val=1.0); or bad data (NaN/Inf in the inputs of the batches at these steps). "
+                f"{precision_advice(str(trainer.precision), trainer.gradient_clip_val)}; "
+                "or bad data (NaN/Inf in the inputs of the batches at these steps). "
                 "Resume from an earlier checkpoint (ckpt_path=.../step_XXXXXXX.ckpt) after the fix; allow more with "
                 "callbacks.nonfinite_guard.max_consecutive=N."
             )

@@ -133,25 +133,55 @@ def build_clip(
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    from open_clip.factory import load_state_dict
+    from ldmkit.nn.weights_file import UntrustedWeightsError, WeightsFileError, load_state_dict_file
 
     if path.is_dir():
         from ldmkit.artifacts import load_artifact
 
         tensors, _ = load_artifact(path, "clip")
         return tensors
-    try:
-        return load_state_dict(str(path), device="cpu", weights_only=True)
-    except Exception as err:  # torch/safetensors raise many types for corrupt files
+    try:  # our weights_only reader, not open_clip's (see _load_open_clip_file)
+        state_dict = load_state_dict_file(path, "CLIP checkpoint")
+    except UntrustedWeightsError:
+        raise
+    except WeightsFileError as err:
         raise ClipCheckpointError(
-            f"Cannot read pretrained checkpoint '{path}' ({type(err).__name__}: {err}). It is truncated, corrupt "
-            "or not a weights file; pass an open_clip state dict (.pt/.bin/.safetensors) or an ldmkit clip artifact folder."
+            f"Cannot read pretrained checkpoint '{path}' ({err}). Pass an open_clip state dict "
+            "(.pt/.bin/.safetensors) or an ldmkit clip artifact folder."
         ) from err
+    if next(iter(state_dict), "").startswith("module."):  # saved from DistributedDataParallel
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _load_open_clip_file(model: nn.Module, path: Path) -> None:
+    """open_clip 3.x `load_checkpoint` with the file read by `_read_state_dict` (weights_only=True):
+    open_clip's own reader retries `torch.load` without `weights_only` after a TypeError, a full
+    unpickle on torch < 2.6 or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1. The key conversions are its own."""
+    import open_clip
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    if path.suffix in (".npz", ".npy"):  # big_vision (SigLIP) numpy weights: np.load refuses pickles
+        open_clip.load_checkpoint(model, str(path), strict=True)
+        return
+    state_dict = convert_state_dict(model, _read_state_dict(path))  # OpenAI/MobileCLIP/timm layouts
+    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
+        state_dict = convert_to_custom_text_state_dict(state_dict)
+    for key in ("logit_scale", "logit_bias"):  # scalar vs 1-d parameter
+        if key in state_dict and getattr(model, key, None) is not None:
+            state_dict[key] = state_dict[key].reshape(getattr(model, key).shape)
+    if "logit_bias" not in state_dict and getattr(model, "logit_bias", None) is not None and "logit_scale" in state_dict:
+        state_dict["logit_bias"] = torch.zeros_like(state_dict["logit_scale"])  # a CLIP checkpoint for SigLIP
+    state_dict.pop("text.transformer.embeddings.position_ids", None)  # HF text towers: not a buffer since transformers 4.31
+    resize_pos_embed(state_dict, model)
+    resize_text_pos_embed(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a local open_clip checkpoint (or ldmkit clip artifact) into ``model`` strictly."""
-    import open_clip
+    from ldmkit.nn.weights_file import WeightsFileError
 
     path = Path(path)
     name = getattr(model, "ldmkit_arch", {}).get("model_name")
@@ -165,12 +195,12 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         if path.is_dir():
             model.load_state_dict(_read_state_dict(path), strict=True)
-        else:  # open_clip's loader also converts OpenAI/JIT/timm-style key layouts and resizes position embeddings
-            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except ClipCheckpointError:
+        else:  # open_clip's conversions of OpenAI/timm-style key layouts and position-embedding resizes
+            _load_open_clip_file(model, path)
+    except (ClipCheckpointError, WeightsFileError):
         raise
-    except Exception as err:  # unreadable file, or keys/shapes that do not fit (open_clip even asserts on some)
-        state_dict = _read_state_dict(path)  # raises "Cannot read ..." if the file itself is the problem
+    except Exception as err:  # keys/shapes that do not fit (open_clip even asserts on some)
+        state_dict = _read_state_dict(path)
         raise ClipCheckpointError(
             f"Checkpoint '{path}' does not match the architecture {arch}: {describe_mismatch(model, state_dict)}. "
             "Set model_name to the architecture the checkpoint was trained with (or fix model_cfg)."

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldmkit.nn.weights_file import load_state_dict_file
+
 VGG_FILE = "vgg16-397923af.pth"
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_FILE = "vgg.pth"
@@ -92,14 +94,15 @@ class LPIPS(nn.Module):
         self.eval()
 
     def _load(self, vgg_path: Path, lin_path: Path) -> None:
-        vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
+        # weights_only reader: a file that needs code to load is refused (UntrustedWeightsError)
+        vgg = load_state_dict_file(vgg_path, "LPIPS VGG16 weights file (model.lpips.vgg_weights)")
         vgg = {k.removeprefix("features."): v for k, v in vgg.items() if not k.startswith("classifier.")}
         vgg = {k: v for k, v in vgg.items() if int(k.split(".")[0]) <= _TAP_INDICES[-1]}
         try:
             self.features.load_state_dict(vgg, strict=True)
         except RuntimeError as err:
             raise ValueError(f"'{vgg_path}' is not torchvision's VGG16 weight file ({VGG_FILE}): {err}") from err
-        lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+        lin = load_state_dict_file(lin_path, "LPIPS linear-layer weights file (model.lpips.lin_weights)")
         try:
             # the lpips package names the heads lin{i}.model.1.weight (Dropout, Conv)
             self.lins.load_state_dict({f"{i}.weight": lin[f"lin{i}.model.1.weight"] for i in range(len(_TAP_CHANNELS))})
