@@ -213,3 +213,15 @@ def test_pickle_scan_finds_callables_without_running_them(tmp_path):
     np.save(tmp_path / "array.npy", np.ones(3))
     assert pickle_globals(tmp_path / "array.npy") == []  # not a pickle: nothing found, nothing raised
     assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_reported_as_truncated_not_as_malicious(tmp_path):
+    from ldmkit.pipeline import ConfigError, resolve_ckpt_path
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(100)}, "global_step": 3}, path)
+    assert resolve_ckpt_path(str(path), tmp_path / "run") == str(path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ConfigError, match="truncated or corrupt") as info:
+        resolve_ckpt_path(str(path), tmp_path / "run")
+    assert "refused on purpose" not in str(info.value)
