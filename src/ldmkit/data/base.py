@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from ldmkit.data.collate import collate_samples
 from ldmkit.data.images import validate_resolution
@@ -32,7 +38,11 @@ class ImageTextDataModule(L.LightningDataModule):
 
     DataLoaders: train shuffles map-style datasets with a `seed`-ed generator (Lightning swaps in
     a DistributedSampler under DDP) and drops the last partial batch; workers are persistent
-    when `num_workers > 0`; `pin_memory` defaults to "CUDA is available".
+    when `num_workers > 0`; `pin_memory` defaults to "CUDA is available". The train loader is a
+    `ResumableDataLoader` (torchdata's StatefulDataLoader), whose position Lightning saves in every
+    checkpoint and restores on resume, and map-style train datasets draw their augmentation from
+    a generator that is part of that state (`SeededAugmentation`): a run resumed mid-epoch sees the
+    batches, in the order and with the flips, that the uninterrupted run saw.
 
     Sources that can drop samples (`may_skip`) keep one `SkipCounter` per split in `self.skips`;
     `skipped_counts(split)` reads them and `log_skipped(module, split)` logs them. During
@@ -115,13 +125,20 @@ class ImageTextDataModule(L.LightningDataModule):
             return []  # an intentionally empty split: Lightning skips the loop
         train = split == "train"
         options: dict[str, Any] = {}
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         if isinstance(dataset, IterableDataset):
             if hasattr(dataset, "set_distributed") and self.trainer is not None:
                 # Captured here, in the main process: DataLoader workers cannot see the process group.
                 dataset.set_distributed(self.trainer.global_rank, self.trainer.world_size)
         elif train:
-            options.update(shuffle=True, generator=torch.Generator().manual_seed(self.seed))
-        return DataLoader(
+            dataset = SeededAugmentation(dataset, seed=self.seed, rank=rank)
+            # The same permutation on every rank (Lightning's DistributedSamplerWrapper splits it); its
+            # generator is its own, so that the state saved with the sampler is all that decides the order.
+            options.update(sampler=StatefulRandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)))
+        if train:  # worker seeds: never drawn from the global RNG
+            options.update(generator=torch.Generator().manual_seed(self.seed + 1))
+        loader_class = ResumableDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size if train else self.val_batch_size,
             num_workers=self.num_workers,
@@ -153,6 +170,94 @@ class ImageTextDataModule(L.LightningDataModule):
             return
         if not any(isinstance(cb, SkippedSamplesLogger) for cb in trainer.callbacks):
             trainer.callbacks.append(SkippedSamplesLogger(self.log_skips_every_n_steps))
+
+
+class SeededAugmentation(Dataset):
+    """A map-style dataset whose random draws (e.g. hflip with `torch.rand`) come from a generator of its
+    own, one per DataLoader worker and rank, saved with the loader's state (`state_dict`, which
+    StatefulDataLoader collects from every worker with each batch) and restored on resume. Without it,
+    a worker's global RNG restarts from its seed when a run resumes mid-epoch, and the flips differ."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0) -> None:
+        self.dataset, self.seed, self.rank = dataset, int(seed), int(rank)
+        self._generator: torch.Generator | None = None
+        self._loaded: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # e.g. `attributes(index)` of the wrapped dataset
+        if name.startswith("_") or name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def generator(self) -> torch.Generator:
+        if self._generator is None:  # created in the process that draws (a worker, or the main process)
+            info = get_worker_info()
+            worker = 0 if info is None else info.id
+            self._generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_009 + worker)
+            if self._loaded is not None:
+                self._generator.set_state(self._loaded)
+        return self._generator
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator()))
+        with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+            torch.manual_seed(seed)
+            if callable(getattr(self.dataset, "__getitems__", None)):
+                return list(self.dataset.__getitems__(indices))
+            return [self.dataset[i] for i in indices]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator().get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loaded = state["generator"].clone()
+        self._generator = None
+
+
+class ResumableDataLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, whose `state_dict()` Lightning stores in every checkpoint
+    (`loops.fit_loop.state_dict.combined_loader`) and hands back on resume.
+
+    One correction: without a length (an IterableDataset), Lightning's fetcher pre-fetches one batch
+    to know which batch is the last, so at a checkpoint the loader has yielded one batch more than
+    the trainer consumed; a resumed run would skip that batch. For such loaders the state is kept for
+    the last two batches and the one the trainer consumed is returned."""
+
+    _PREFETCHED = 1  # lightning.pytorch.loops.fetchers._PrefetchDataFetcher's default prefetch_batches
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.x
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            super().__init__(*args, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        try:
+            len(self)
+            self._states: deque | None = None
+            return iterator
+        except TypeError:
+            return self._tracked(iterator)
+
+    def _tracked(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        self._states = deque([copy.deepcopy(iterator.state_dict())], maxlen=self._PREFETCHED + 1)
+        self._lag = self._PREFETCHED
+        for batch in iterator:
+            self._states.append(copy.deepcopy(iterator.state_dict()))
+            yield batch
+        self._lag = 0  # the fetcher hit the end: everything yielded was consumed
+        self._states.append(copy.deepcopy(iterator.state_dict()))
+
+    def state_dict(self) -> dict[str, Any]:
+        states = getattr(self, "_states", None)
+        if not states:
+            return super().state_dict()
+        return states[-1 - min(self._lag, len(states) - 1)]
 
 
 class SkippedSamplesLogger(L.Callback):

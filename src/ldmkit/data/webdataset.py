@@ -29,13 +29,12 @@ import os
 import random
 import re
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import torch
 import webdataset as wds
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset, get_worker_info
@@ -184,6 +183,7 @@ class WebDatasetSamples(IterableDataset):
         self.skips = skips if skips is not None else SkipCounter("webdataset")
         self.epoch = 0
         self._rank_world: tuple[int, int] | None = None
+        self._position: dict[str, Any] | None = None  # see state_dict
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Rank and world size, captured in the main process (workers cannot see the process group)."""
@@ -214,32 +214,88 @@ class WebDatasetSamples(IterableDataset):
             stride, offset = stride * workers, offset + stride * worker
         return shards, stride, offset
 
-    def _raw_samples(self, rank: int, world: int, worker: int, workers: int, epoch: int, errors: ShardErrors):
-        expand = partial(tar_samples, handler=errors.handler)
+    def _shard_at(self, rank: int, world: int, worker: int, workers: int, epoch: int) -> tuple[Callable[[int], str | None], int, int]:
+        """The reader's i-th shard (None past the end), plus (stride, offset) of the samples it keeps.
+        Resampled: shard i is drawn from (seed, rank, worker, epoch, i) alone, so any position is
+        reached without drawing the shards before it."""
         if self.resampled:
-            reader_seed = mix_seed(self.seed, rank, worker, epoch)
-            shards = wds.ResampledShards(self.urls, seed=0, worker_seed=lambda: reader_seed, deterministic=True)
-            return expand(errors.track(iter(shards)))
+            urls = self.urls
+            return (lambda i: urls[random.Random(mix_seed(self.seed, rank, worker, epoch, i)).randrange(len(urls))]), 1, 0
         shards, stride, offset = self._assignment(rank, world, worker, workers, epoch)
-        return islice(expand(errors.track({"url": url} for url in shards)), offset, None, stride)
+        return (lambda i: shards[i] if i < len(shards) else None), stride, offset
+
+    def _raw_from(self, shard_at: Callable[[int], str | None], start: Sequence[int], stride: int, offset: int,
+                  errors: ShardErrors) -> Iterator[tuple[list[int], dict]]:
+        """(position after it, raw sample) from raw position `start` = [shard index, sample index in the
+        shard, samples before it in the reader's shards]. Samples of the start shard before the start
+        are read (a tar is a stream), not decoded."""
+        expand = partial(tar_samples, handler=errors.handler)
+        shard, member, count = start
+        while (url := shard_at(shard)) is not None:
+            for index, raw in enumerate(expand(errors.track([{"url": url}]))):
+                if index < member:
+                    continue
+                count += 1
+                if (count - 1) % stride == offset:
+                    yield [shard, index + 1, count], raw
+            shard, member = shard + 1, 0
+
+    def _windows(self, reader: tuple[int, ...], position: dict[str, Any], shard_at, stride: int, offset: int,
+                 errors: ShardErrors) -> Iterator[tuple[dict[str, Any], dict, bool]]:
+        """(position after it, raw sample, flip) in shuffled windows of `shuffle_buffer` raw samples.
+
+        A window's order and flips are drawn from (seed, reader, window index), so the stream is a
+        function of the position {"window", "start" (raw position of the window), "taken"}: a resumed
+        reader re-reads the window it was in (undecoded) and goes on from the next sample."""
+        window, start, taken = position["window"], position["start"], position["taken"]
+        raw = self._raw_from(shard_at, start, stride, offset, errors)
+        size = max(1, self.shuffle_buffer)
+        while items := list(islice(raw, size)):
+            rng = random.Random(mix_seed(self.seed, *reader, window, 1))
+            order = list(range(len(items)))
+            if size > 1:
+                rng.shuffle(order)
+            flips = [self.hflip and rng.random() < 0.5 for _ in items]
+            for k in range(taken, len(items)):
+                yield {"window": window, "start": start, "taken": k + 1}, items[order[k]][1], flips[k]
+            window, start, taken = window + 1, items[-1][0], 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """This reader's stream position (StatefulDataLoader saves it from every worker with each batch)."""
+        return dict(self._position) if self._position is not None else {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._position = dict(state)
+        self.epoch = int(state["epoch"])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world = self.rank_world()
         worker, workers = _worker()
-        epoch = self.epoch
-        self.epoch += 1  # persistent workers / the main process see a new stream every epoch
+        position = self._position if self._position is not None and "window" in self._position else None
+        epoch = self.epoch if position is None else int(position["epoch"])
+        self.epoch = epoch + 1  # persistent workers / the main process see a new stream every epoch
+        position = position or {"epoch": epoch, "emitted": 0, "window": 0, "start": [0, 0, 0], "taken": 0}
+        emitted = int(position["emitted"])
+        limit = math.ceil(self.samples_per_epoch / (world * workers)) if self.resampled and self.samples_per_epoch else None
         errors = ShardErrors(self.skips, self.urls if self.resampled else None, self.skips.name)
-        samples = self._raw_samples(rank, world, worker, workers, epoch, errors)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(mix_seed(self.seed, rank, worker, epoch, 1))
-            samples = wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
-        decoded = errors.watch(self._decode(samples))
-        if self.resampled and self.samples_per_epoch:
-            decoded = islice(decoded, math.ceil(self.samples_per_epoch / (world * workers)))
+        shard_at, stride, offset = self._shard_at(rank, world, worker, workers, epoch)
+        stream = self._windows((rank, worker, epoch), position, shard_at, stride, offset, errors)
         try:
-            yield from decoded
+            while limit is None or emitted < limit:
+                try:
+                    where, raw, flip = next(stream)
+                except StopIteration:
+                    break
+                self._position = {"epoch": epoch, "emitted": emitted, **where}
+                for sample in errors.watch(self._decode(iter([raw]))):
+                    emitted += 1
+                    self._position["emitted"] = emitted
+                    if flip:
+                        sample["image"] = sample["image"].flip(-1)
+                    yield sample
         finally:
             errors.flush()
+        self._position = {"epoch": epoch + 1}
 
     def _decode(self, samples: Iterator[dict]) -> Iterator[dict[str, Any]]:
         for raw in samples:
@@ -253,8 +309,6 @@ class WebDatasetSamples(IterableDataset):
                 continue
             if not sample["caption"]:
                 self.skips.add("kept_without_caption", key)
-            if self.hflip and torch.rand(()) < 0.5:
-                sample["image"] = sample["image"].flip(-1)
             yield sample
 
 
