@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -27,14 +28,13 @@ class StepPacer(L.Callback):
     """Test-only: writes the global step to `path` after every step and sleeps, so that a test can
     kill the run at a step of its choosing (added with `+callbacks.pacer._target_=...`)."""
 
-    def __init__(self, path: str, sleep: float = 0.3) -> None:
-        self.path, self.sleep = Path(path), sleep
+    def __init__(self, path: str, sleep: float = 0.5, from_step: int = 0) -> None:
+        self.path, self.sleep, self.from_step = Path(path), sleep, from_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.path.write_text(str(trainer.global_step))
-        import time
-
-        time.sleep(self.sleep)
+        if trainer.global_step >= self.from_step:
+            time.sleep(self.sleep)
 
 
 def _ids_and_images(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,12 +167,12 @@ def test_webdataset_resume_through_lightning_neither_skips_nor_replays(tmp_path)
 
 # ------------------------------------------------------------------ real train.py, kill -9
 
-SHAPES = ["data=shapes", "data.batch_size=4", "data.num_workers=2", "data.resolution=16", "data.train_size=32",
+SHAPES = ["data=shapes", "data.batch_size=4", "data.num_workers=2", "data.resolution=16", "data.train_size=28",
           "data.val_size=4", "data.test_size=4", "data.hflip=true"]
 AUTOENCODER = ["model=autoencoder", "model.autoencoder.config.base_channels=8", "model.latent_stats_batches=1",
                "model.num_log_images=2"]
-TRAINER = ["trainer.accelerator=cpu", "trainer.max_steps=20", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
-           "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=10",
+TRAINER = ["trainer.accelerator=cpu", "trainer.max_steps=12", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+           "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=6",
            "callbacks.rich_progress_bar.refresh_rate=0", "logger=csv"]
 
 
@@ -189,32 +189,33 @@ def _train_in_process(compose_cfg, output_dir: Path, *overrides: str):
 
 @pytest.mark.slow
 def test_kill9_mid_epoch_autoencoder_on_shapes_resumes_bit_exactly(tmp_path, compose_cfg):
-    """Autoencoder on shapes (8 batches per epoch, 2 workers, hflip), a checkpoint every 10 steps:
-    `train.py` killed with SIGKILL at step 12-19 (mid-epoch 1, not a checkpoint), resumed with
-    ckpt_path=last, reaches step 20 with the uninterrupted run's weights, bit for bit."""
+    """Autoencoder on shapes (7 batches per epoch, 2 workers, hflip, validation every 4 batches), a
+    checkpoint every 6 steps: `train.py` killed with SIGKILL at step 8-11 (mid-epoch 1, not a
+    checkpoint), resumed with ckpt_path=last from step 6 (mid-epoch 0), reaches step 12 with the
+    uninterrupted run's weights, bit for bit."""
     common = [*SHAPES, *AUTOENCODER, *TRAINER]
     torch.set_num_threads(1)
     reference = tmp_path / "reference"
     _train_in_process(compose_cfg, reference, *common)
 
     killed, log, step_file = tmp_path / "killed", tmp_path / "killed.log", tmp_path / "step"
-    pacer = [f"+callbacks.pacer._target_={StepPacer.__module__}.StepPacer", f"+callbacks.pacer.path={step_file}"]
+    pacer = [f"+callbacks.pacer._target_={StepPacer.__module__}.StepPacer", f"+callbacks.pacer.path={step_file}", "+callbacks.pacer.from_step=6"]
     proc = start_train(*common, *pacer, f"hydra.run.dir={killed}", log=log)
     try:
-        wait_for(lambda: step_file.exists() and int(step_file.read_text() or 0) >= 12, proc, 400, log, "step 12")
+        wait_for(lambda: step_file.exists() and int(step_file.read_text() or 0) >= 8, proc, 400, log, "step 8")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     killed_at = int(step_file.read_text())
-    assert 12 <= killed_at < 20 and killed_at % 8 != 0  # neither a checkpoint nor an epoch boundary
-    assert checkpoint_step(killed / "checkpoints" / "last.ckpt") == 10
+    assert 8 <= killed_at < 12  # neither a checkpoint (6, 12) nor an epoch boundary (7, 14)
+    assert checkpoint_step(killed / "checkpoints" / "last.ckpt") == 6
 
     _train_in_process(compose_cfg, killed, *common, "ckpt_path=last")
     final = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
     expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
-    assert final["global_step"] == expected["global_step"]
+    assert final["global_step"] == expected["global_step"] == 12
     assert final["state_dict"].keys() == expected["state_dict"].keys()
     for key, value in expected["state_dict"].items():
         assert torch.equal(final["state_dict"][key], value), key

@@ -53,6 +53,7 @@ class ImageTextDataModule(L.LightningDataModule):
     name = "data"
     min_resolution = 1
     may_skip = False
+    collate_fn = staticmethod(collate_samples)  # batches -> docs/CONVENTIONS.md
 
     def __init__(
         self,
@@ -135,8 +136,9 @@ class ImageTextDataModule(L.LightningDataModule):
             # The same permutation on every rank (Lightning's DistributedSamplerWrapper splits it); its
             # generator is its own, so that the state saved with the sampler is all that decides the order.
             options.update(sampler=StatefulRandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed)))
-        if train:  # worker seeds: never drawn from the global RNG
-            options.update(generator=torch.Generator().manual_seed(self.seed + 1))
+        # Worker seeds from a generator of the loader's own, never from the global RNG: a val loader
+        # built at another point of a resumed run (no sanity check) would otherwise shift the training noise.
+        options.update(generator=torch.Generator().manual_seed(self.seed + 1))
         loader_class = ResumableDataLoader if train else DataLoader
         return loader_class(
             dataset,
@@ -145,7 +147,7 @@ class ImageTextDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=train,
-            collate_fn=collate_samples,
+            collate_fn=self.collate_fn,
             **options,
         )
 

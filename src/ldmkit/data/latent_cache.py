@@ -520,6 +520,7 @@ class LatentCacheDataModule(ImageTextDataModule):
 
     name = "latent_cache"
     may_skip = True
+    collate_fn = staticmethod(collate_cached)  # the base class's loaders (resumable train loader) with this collate
 
     def __init__(
         self,
@@ -618,17 +619,6 @@ class LatentCacheDataModule(ImageTextDataModule):
             shuffle_buffer=self.shuffle_buffer if train else 0, samples_per_epoch=per_epoch if train else None,
             skips=self.skips[split],
         )
-
-    def dataloader(self, split: str) -> DataLoader:
-        dataset = self.dataset(split)
-        if self.trainer is not None:  # captured here, in the main process: workers cannot see the process group
-            dataset.set_distributed(self.trainer.global_rank, self.trainer.world_size)
-        train = split == "train"
-        return DataLoader(
-            dataset, batch_size=self.batch_size if train else self.val_batch_size, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, drop_last=train, collate_fn=collate_cached,
-        )
-
 
 __all__ = [
     "CachedLatentSamples", "FrozenEncoders", "LatentCacheDataModule", "LatentCacheError", "build_latent_cache",
