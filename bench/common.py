@@ -249,23 +249,10 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train", workdir: 
     output/data paths under `workdir` (a temporary folder by default)."""
     import tempfile
 
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
+    from ldmkit.config import compose as compose_config
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ldmkit-bench-"))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.output_dir = str(workdir / "run")
-        cfg.paths.log_dir = str(workdir / "logs")
-        cfg.paths.data_dir = str(workdir / "data")
-        cfg.paths.work_dir = str(ROOT)
-    return cfg
+    return compose_config(overrides, config_name, config_dir=ROOT / "conf", workdir=workdir, root_dir=ROOT)
 
 
 def instantiate_stage(cfg, num_batches: int, seed: int = 0) -> tuple[Any, Any, list[Any]]:

@@ -26,27 +26,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def compose_cfg(tmp_path):
     """Compose the real `conf/train.yaml` with overrides, paths redirected into tmp_path."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from ldmkit.config import compose
 
     def _compose(overrides: list[str] = (), config_name: str = "train"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-            HydraConfig.instance().set_config(cfg)
-            with open_dict(cfg):
-                cfg.paths.root_dir = str(ROOT)
-                cfg.paths.output_dir = str(tmp_path / "run")
-                cfg.paths.log_dir = str(tmp_path / "logs")
-                cfg.paths.work_dir = str(ROOT)
-                cfg.paths.data_dir = str(tmp_path / "data")
-                del cfg.hydra
-        return cfg
+        return compose(overrides, config_name, config_dir=CONF_DIR, set_hydra_config=True, workdir=tmp_path, root_dir=ROOT)
 
     yield _compose
-    GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="session")

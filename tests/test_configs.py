@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from tests.conftest import CONF_DIR
-from ldmkit.pipeline import instantiate_group
+from ldmkit.config import instantiate_group
 
 
 def options(group: str) -> list[str]:

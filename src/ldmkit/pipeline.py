@@ -13,52 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldmkit.artifacts import ArtifactError
+from ldmkit.config import ConfigError, instantiate_group, instantiate_node  # noqa: F401 (re-exported)
 from ldmkit.lit.callbacks import EXIT_PREEMPTED
 from ldmkit.lit.checkpointing import restart_resume_path, trainer_plugins, wandb_resume_overrides
 from ldmkit.lit.distributed import finish_job
 from ldmkit.lit.run_folder import acquire_run_folder, release_run_folder
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A composed config cannot run; the message says what to change."""
-
-
-def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, but our own actionable errors surface as themselves rather than
-    wrapped in Hydra's "Error in call to target ..." (whose traceback buries the message)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause: BaseException | None = err
-        while isinstance(cause, InstantiationException):  # nested targets wrap once per level
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, (ArtifactError, ConfigError, ValueError, FileNotFoundError)):
-            raise cause from None
-        raise
-
-
-def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
-    """Instantiate every `_target_` entry of a config group (callbacks, loggers)."""
-    objects: list[Any] = []
-    if not group:
-        return objects
-    for name, node in group.items():
-        if isinstance(node, DictConfig) and "_target_" in node:
-            obj = instantiate_node(node)
-            if not isinstance(obj, kind):
-                raise ConfigError(f"{name}: `{node._target_}` built a {type(obj).__name__}, not a {kind.__name__}.")
-            objects.append(obj)
-    return objects
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:

@@ -30,25 +30,14 @@ def comparable(row: dict) -> dict:
 
 def compose_eval(overrides: list[str], out: Path):
     """conf/eval.yaml composed like tests/conftest.py's compose_cfg, every path inside `out`."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose(config_name="eval", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
+    from ldmkit.config import compose
+
+    cfg = compose(overrides, "eval", config_dir=CONF_DIR, set_hydra_config=True, workdir=out, root_dir=ROOT)
+    if not any(o.startswith("cache_dir=") for o in overrides):
         with open_dict(cfg):
-            cfg.paths.root_dir = str(ROOT)
-            cfg.paths.output_dir = str(out / "run")
-            cfg.paths.log_dir = str(out / "logs")
-            cfg.paths.work_dir = str(ROOT)
-            cfg.paths.data_dir = str(out / "data")
-            if not any(o.startswith("cache_dir=") for o in overrides):
-                cfg.cache_dir = str(out / "cache")
-            del cfg.hydra
-    GlobalHydra.instance().clear()
+            cfg.cache_dir = str(out / "cache")
     return cfg
 
 

@@ -8,8 +8,6 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -17,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ldmkit.config import compose
 from ldmkit.data.collate import collate_samples
 from ldmkit.lit.autoencoder import AutoencoderModule
 from ldmkit.lit.images import log_image_grid
@@ -75,12 +74,9 @@ def trainer(**kwargs) -> L.Trainer:
 @pytest.fixture
 def compose_model():
     def _compose(name: str, resolution: int = 32):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            return compose(config_name=f"model/{name}", overrides=[f"+data.resolution={resolution}"]).model
+        return compose([f"+data.resolution={resolution}"], f"model/{name}", config_dir=CONF_DIR).model
 
     yield _compose
-    GlobalHydra.instance().clear()
 
 
 # ---- configs -----------------------------------------------------------------------------

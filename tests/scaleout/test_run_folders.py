@@ -42,18 +42,13 @@ def test_default_run_folders_differ_for_runs_started_in_the_same_second(compose_
 
 @pytest.fixture
 def compose_with_hydra():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    from ldmkit.config import compose
     from tests.conftest import CONF_DIR
 
     def _compose(overrides):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            return compose("train", overrides=list(overrides), return_hydra_config=True)
+        return compose(overrides, "train", config_dir=CONF_DIR, return_hydra_config=True)
 
     yield _compose
-    GlobalHydra.instance().clear()
 
 
 def _hold_lock(folder: Path) -> subprocess.Popen:

@@ -9,15 +9,13 @@ import stat
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ldmkit.lit.callbacks import NonFiniteGuard, PreemptionCheckpoint, RNGStateCheckpoint
 from ldmkit.lit.checkpointing import AtomicCheckpointIO, AtomicModelCheckpoint, trainer_plugins
 from ldmkit.lit.distributed import HydraDDPStrategy
-from ldmkit.pipeline import instantiate_group
+from ldmkit.config import compose, instantiate_group
 from tests.conftest import CONF_DIR, ROOT
 
 STAGES = ["autoencoder", "clip", "ldm"]
@@ -29,12 +27,9 @@ def compose_with_hydra():
     """Compose conf/train.yaml keeping the `hydra` node (launcher, sweeper)."""
 
     def _compose(overrides):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            return compose("train", overrides=list(overrides), return_hydra_config=True)
+        return compose(overrides, "train", config_dir=CONF_DIR, return_hydra_config=True)
 
     yield _compose
-    GlobalHydra.instance().clear()
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -45,6 +45,7 @@ from typing import Any, NoReturn
 import yaml
 from torch.utils.data import Dataset, IterableDataset
 
+from ldmkit.config import compose
 from ldmkit.data.images import encode_image
 from ldmkit.data.webdataset import shards_hint
 
@@ -53,16 +54,6 @@ IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "export_shards.json"  # names every file an export wrote: only those are ever replaced
 MANIFEST_FORMAT = "ldmkit-export-shards"
 _DATA_GROUPS = {"data", "paths", "hydra", "experiment", "debug", "_self_"}
-
-
-def conf_dir() -> Path:
-    """The repo's conf/ folder ($LDMKIT_CONF overrides)."""
-    if os.environ.get("LDMKIT_CONF"):
-        return Path(os.environ["LDMKIT_CONF"]).resolve()
-    for candidate in (Path(__file__).resolve().parents[3] / "conf", Path.cwd() / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError("cannot find conf/train.yaml; run from the repository root or set LDMKIT_CONF=PATH/conf")
 
 
 def _iter_samples(dataset: Dataset, count: int | None, batch: int = 256) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -82,7 +73,7 @@ def _iter_samples(dataset: Dataset, count: int | None, batch: int = 256) -> Iter
         yield from zip(indices, samples)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     tar.addfile(info, io.BytesIO(data))
@@ -121,9 +112,9 @@ def write_shards(
                 "height": int(image.shape[-2]), "status": "success", "split": split, "index": int(index),
                 "attributes": sample.get("attributes", {}),
             }
-            _add_member(tar, f"{key}.{image_format}", encode_image(image, image_format))
-            _add_member(tar, f"{key}.txt", str(sample.get("caption", "")).encode("utf-8"))
-            _add_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+            add_member(tar, f"{key}.{image_format}", encode_image(image, image_format))
+            add_member(tar, f"{key}.txt", str(sample.get("caption", "")).encode("utf-8"))
+            add_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
         if tar is not None:
             tar.close()
             tmp.rename(written[-1])
@@ -266,17 +257,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 def compose_data_config(overrides: Sequence[str], config_dir: Path | None = None):
     """Compose conf/train.yaml with `overrides`, dropping the groups unrelated to data."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    config_dir = config_dir or conf_dir()
-    defaults = yaml.safe_load((config_dir / "train.yaml").read_text()).get("defaults", [])
-    groups = [next(iter(d)) for d in defaults if isinstance(d, dict)]
-    chosen = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    drop = [f"~{g}" for g in groups if g not in _DATA_GROUPS and g not in chosen]
-    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir)):
-        return compose(config_name="train", overrides=[*drop, *overrides])
+    return compose(overrides, "train", config_dir=config_dir, only_groups=_DATA_GROUPS)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

@@ -54,9 +54,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from ldmkit.config import compose
 from ldmkit.data.base import SPLITS, ImageTextDataModule
 from ldmkit.data.collate import collate_samples
-from ldmkit.data.export_shards import _add_member, conf_dir
+from ldmkit.data.export_shards import add_member
 from ldmkit.data.images import SkipSample
 from ldmkit.data.webdataset import WebDatasetSamples
 
@@ -237,7 +238,7 @@ def write_cache_shards(samples: Iterable[dict[str, bytes]], folder: Path, shard_
                 tar = tarfile.open(folder / shards[-1]["name"], "w", format=tarfile.USTAR_FORMAT)
             key = f"{shard:05d}{position:0{digits}d}"
             for suffix, data in members.items():
-                _add_member(tar, f"{key}.{suffix}", data)
+                add_member(tar, f"{key}.{suffix}", data)
             shards[-1]["count"] += 1
     finally:
         if tar is not None:
@@ -369,17 +370,7 @@ def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
 
 def compose_config(overrides: Sequence[str], config_dir: Path | None = None):
     """conf/train.yaml with model=ldm (unless another model= is given) and `overrides`, as train.py composes it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    chosen = {o.split("=", 1)[0] for o in overrides}
-    model = [] if "model" in chosen else ["model=ldm"]
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir or conf_dir())):
-            return compose(config_name="train", overrides=[*model, *overrides])
-    finally:
-        GlobalHydra.instance().clear()
+    return compose(overrides, "train", config_dir=config_dir, fallbacks=["model=ldm"])
 
 
 def _device(name: str) -> torch.device:
