@@ -25,7 +25,7 @@ test: env
 	$(PY) -m pytest -q
 
 quickstart: env
-	$(PY) -m ldmkit.quickstart --out $(QS)
+	$(PY) -m ldmkit.cli.quickstart --out $(QS)
 
 clean-quickstart:
 	rm -rf $(QS)

@@ -15,11 +15,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
-
-from ldmkit.artifacts import ArtifactError
 
 CONF_ENV = "LDMKIT_CONF"
 
@@ -138,6 +134,11 @@ def redirect_paths(cfg: DictConfig, workdir: str | os.PathLike, root_dir: str | 
 def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, but our own actionable errors surface as themselves rather than
     wrapped in Hydra's "Error in call to target ..." (whose traceback buries the message)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from ldmkit.artifacts import ArtifactError
+
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:

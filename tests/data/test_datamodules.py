@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from ldmkit.data.base import ImageTextDataModule
 from ldmkit.data.collate import collate_samples
-from ldmkit.data.export_shards import compose_data_config
+from ldmkit.cli.export_shards import compose_data_config
 from ldmkit.data.shapes import ShapesDataModule
 from ldmkit.data.webdataset import WebDatasetDataModule
 

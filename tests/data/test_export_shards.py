@@ -9,7 +9,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from torch.utils.data import Dataset
 
-from ldmkit.data.export_shards import compose_data_config, export_dataset, main, parse_args
+from ldmkit.cli.export_shards import compose_data_config, main, parse_args
+from ldmkit.data.export_shards import export_dataset
 from ldmkit.data.shapes import ShapesDataset
 from ldmkit.data.webdataset import WebDatasetDataModule
 

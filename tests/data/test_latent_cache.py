@@ -10,7 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldmkit.data.latent_cache import CACHE_FILE, COMMAND, LatentCacheError, main, read_cache_metadata
+from ldmkit.cli.latent_cache import main
+from ldmkit.data.latent_cache import CACHE_FILE, COMMAND, LatentCacheError, read_cache_metadata
 from ldmkit.data.shapes import ShapesDataset
 from ldmkit.nn.autoencoder import load_autoencoder
 from ldmkit.nn.clip import load_text_encoder

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from ldmkit.data import shard_reader
 from ldmkit.data.collate import collate_samples
-from ldmkit.data.export_shards import compose_data_config, export_dataset
+from ldmkit.cli.export_shards import compose_data_config
+from ldmkit.data.export_shards import export_dataset
 from ldmkit.data.shapes import ShapesDataset
 from ldmkit.data.skips import MissingCaptionError, SkipCounter
 from ldmkit.data.webdataset import WebDatasetDataModule, WebDatasetSamples, decode_shard_sample

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ldmkit.eval.attributes import main as judge_main
-from ldmkit.quickstart import StageFailed, Step, run_lanes, thread_env
+from ldmkit.cli.judge import main as judge_main
+from ldmkit.cli.quickstart import StageFailed, Step, run_lanes, thread_env
 
 
 def python_step(name: str, code: str, done: Path, threads: int | None = None) -> Step:

@@ -34,26 +34,21 @@ import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
 from torch.utils.data import Dataset, IterableDataset
 
-from ldmkit.config import compose
 from ldmkit.data.images import encode_image
-from ldmkit.data.webdataset import shards_hint
 
 OPTIONS = {"out": None, "split": "train", "num_samples": None, "shard_size": 1000, "image_format": "png", "overwrite": False}
 IMAGE_FORMATS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "export_shards.json"  # names every file an export wrote: only those are ever replaced
 MANIFEST_FORMAT = "ldmkit-export-shards"
-_DATA_GROUPS = {"data", "paths", "hydra", "experiment", "debug", "_self_"}
 
 
 def _iter_samples(dataset: Dataset, count: int | None, batch: int = 256) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -240,45 +235,7 @@ def export_dataset(
     return [out / p.name for p in shards]
 
 
-def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """Split argv into export options (validated, see `validate_options`) and Hydra overrides."""
-    options, overrides = dict(OPTIONS), []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in OPTIONS:
-            options[key] = yaml.safe_load(value) if key != "out" else value
-        elif arg in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        else:
-            overrides.append(arg)
-    return validate_options(options), overrides
+if __name__ == "__main__":  # `python -m ldmkit.data.export_shards`: the command lives in ldmkit.cli
+    from ldmkit.cli.export_shards import main
 
-
-def compose_data_config(overrides: Sequence[str], config_dir: Path | None = None):
-    """Compose conf/train.yaml with `overrides`, dropping the groups unrelated to data."""
-    return compose(overrides, "train", config_dir=config_dir, only_groups=_DATA_GROUPS)
-
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    from hydra.utils import instantiate
-
-    options, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = compose_data_config(overrides)
-    datamodule = instantiate(cfg.data)
-    datamodule.hflip = False  # export what the images are, not an augmentation of them
-    out = Path(options["out"])
-    dataset = datamodule.dataset(options["split"])  # checks the source first (clear error if missing)
-    try:
-        shards = export_dataset(
-            dataset, out, options["num_samples"], options["shard_size"], options["image_format"], options["split"],
-            overwrite=options["overwrite"],
-        )
-    except ExportError as error:
-        raise SystemExit(f"export_shards: {error}") from None
-    print(f"wrote {len(shards)} shard(s) to {out}; read them with\n    python train.py {shards_hint(out, len(shards))}")
-    return shards
-
-
-if __name__ == "__main__":
     main()

@@ -40,7 +40,6 @@ import math
 import os
 import shlex
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -51,10 +50,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from ldmkit.config import compose
 from ldmkit.data.base import SPLITS, ImageTextDataModule
 from ldmkit.data.collate import collate_samples
 from ldmkit.data.export_shards import add_member
@@ -269,7 +266,7 @@ def _encoded_samples(batches: Iterable[tuple[list[int], dict[str, Any]]], encode
             print(f"latent_cache: {done} samples encoded ({done / (time.monotonic() - started):.1f}/s)", flush=True)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
@@ -306,7 +303,7 @@ def build_latent_cache(
     if int(shard_size) < 1 or int(batch_size) < 1:
         raise LatentCacheError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     out = Path(out)
-    _prepare_out(out, overwrite)
+    prepare_out(out, overwrite)
     factor = encoders.identity["autoencoder"]["downsampling_factor"]
     check_resolution(resolution, factor)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -345,67 +342,6 @@ def build_latent_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def parse_args(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """Split argv into cache options and Hydra overrides."""
-    options, overrides = dict(OPTIONS), []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in OPTIONS:
-            options[key] = yaml.safe_load(value) if key not in ("out", "device", "dtype") else value
-        elif arg in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        else:
-            overrides.append(arg)
-    if not options["out"]:
-        raise SystemExit(f"latent_cache: out=DIR is required (see `{COMMAND} --help`)")
-    if options["split"] not in SPLITS:
-        raise SystemExit(f"latent_cache: split must be train, val or test, got {options['split']!r}")
-    if options["dtype"] not in DTYPES:
-        raise SystemExit(f"latent_cache: dtype must be one of {sorted(DTYPES)}, got {options['dtype']!r}")
-    return options, overrides
-
-
-def compose_config(overrides: Sequence[str], config_dir: Path | None = None):
-    """conf/train.yaml with model=ldm (unless another model= is given) and `overrides`, as train.py composes it."""
-    return compose(overrides, "train", config_dir=config_dir, fallbacks=["model=ldm"])
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    options, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = compose_config(overrides)
-    out = Path(options["out"])
-    _prepare_out(out, bool(options["overwrite"]))  # before loading anything
-    model = cfg.model
-    encoders = FrozenEncoders(model.get("autoencoder"), model.get("text_encoder"), int(model.get("clip_skip", 1)),
-                              model.get("text_encoder_arch"), _device(options["device"]))
-    datamodule = instantiate(cfg.data)
-    datamodule.hflip = False  # cache what the images are, not one random augmentation of them
-    dataset = datamodule.dataset(options["split"])  # checks the source first (clear error if missing)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    provenance = {"overrides": list(overrides), "options": {k: v for k, v in options.items() if k not in ("out", "overwrite")},
-                  "data": data}
-    path = build_latent_cache(
-        dataset, out, encoders, resolution=int(cfg.data.resolution), split=options["split"],
-        num_samples=options["num_samples"], shard_size=int(options["shard_size"]),
-        batch_size=int(options["batch_size"] or cfg.data.batch_size), num_workers=int(cfg.data.get("num_workers", 0)),
-        dtype=options["dtype"], overwrite=bool(options["overwrite"]), provenance=provenance,
-    )
-    metadata = read_cache_metadata(path)
-    print(f"wrote a latent cache of {metadata['count']} samples in {len(metadata['shards'])} shard(s) to {path}: "
-          f"train on it with data=latent_cache data.path={path} data.resolution={metadata['resolution']}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,5 +553,7 @@ __all__ = [
 ]
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m ldmkit.data.latent_cache`: the command lives in ldmkit.cli
+    from ldmkit.cli.latent_cache import main
+
     main()

@@ -116,19 +116,7 @@ def load_attribute_classifier(cache_dir: str | Path, resolution: int = 32, steps
     return model
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m ldmkit.eval.attributes --cache-dir DIR`: train (or reuse) the judge before it is needed."""
-    import argparse
+if __name__ == "__main__":  # `python -m ldmkit.eval.attributes`: the command lives in ldmkit.cli.judge
+    from ldmkit.cli.judge import main
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--cache-dir", type=Path, required=True, help="folder that keeps the judge's safetensors")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=300)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    load_attribute_classifier(args.cache_dir, args.resolution, args.steps)
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())
