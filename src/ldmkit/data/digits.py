@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ldmkit.data.base import SPLITS, ImageTextDataModule
 from ldmkit.data.shapes import sample_keys
+from ldmkit.images import UNIT, from_uint8, to_uint8
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _TEMPLATES = (
@@ -52,7 +53,7 @@ def upscale_digits(images: np.ndarray, resolution: int) -> torch.Tensor:
     """(N, 8, 8) values 0..16 -> (N, R, R) uint8, bicubic (clamped against overshoot)."""
     x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
     x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False)
-    return (x.squeeze(1).clamp(0, 1) * 255).round().to(torch.uint8)
+    return to_uint8(x.squeeze(1), UNIT)
 
 
 class DigitsDataset(Dataset):
@@ -83,7 +84,7 @@ class DigitsDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        grey = self.images[index].float().div(127.5).sub(1.0)
+        grey = from_uint8(self.images[index])
         image = grey.unsqueeze(0).expand(3, -1, -1).clone()  # (3, R, R)
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldmkit.images import pil_to_tensor, tensor_to_uint8  # noqa: F401 (the one conversion module)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -79,20 +81,6 @@ def load_rgb(image: Image.Image, resolution: int) -> Image.Image:
         image.draft("RGB", (resolution, resolution))
     image = ImageOps.exif_transpose(image) if image.getexif() else image
     return center_crop_resize(to_rgb(image), resolution)
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB PIL image -> (3, H, W) float tensor in [-1, 1]."""
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an RGB image, got array of shape {array.shape} (mode {image.mode})")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8 array (what a PNG stores)."""
-    array = ((image.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return array.permute(1, 2, 0).numpy()
 
 
 def encode_image(image: torch.Tensor, fmt: str = "png") -> bytes:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ldmkit.images import to_uint8
+
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILENAME
@@ -180,7 +182,7 @@ def to_uint8_images(images: Tensor) -> Tensor:
             f"float images must be in [-1, 1] (the batch convention), got max {float(images.max()):.3g}; "
             "pass uint8 for [0, 255] images"
         )
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return to_uint8(images)
 
 
 class FeatureStats:

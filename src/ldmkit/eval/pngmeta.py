@@ -26,6 +26,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldmkit.eval.files import write_file
+from ldmkit.images import to_pil
 
 PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
@@ -125,23 +126,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def to_pil_image(image: Image.Image | torch.Tensor | np.ndarray) -> Image.Image:
     """PIL passes through; uint8 (3, H, W) / (H, W, 3) arrays or tensors, or float tensors in
-    [-1, 1] (the batch convention) become an RGB image."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, torch.Tensor):
-        if image.is_floating_point():
-            image = ((image.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        image = image.detach().cpu().numpy()
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels or a float tensor in [-1, 1], got dtype {array.dtype}")
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-        array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise ValueError(f"expected one image (C, H, W) or (H, W, C), got shape {array.shape}")
-    return Image.fromarray(array)
+    [-1, 1] (the batch convention) become an RGB image (`ldmkit.images.to_pil`)."""
+    return to_pil(image)
 
 
 def save_png_with_parameters(

@@ -25,7 +25,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldmkit.artifacts import save_artifact
 from ldmkit.lit.images import log_image_grid
-from ldmkit.lit.optim import warmup_cosine_schedule
+from ldmkit.lit.optim import param_groups, warmup_cosine_schedule
 from ldmkit.nn.autoencoder import ARTIFACT_KIND, AutoencoderKL, measure_latent_stats
 from ldmkit.nn.discriminator import DISC_LOSSES, adaptive_gan_weight, generator_loss
 
@@ -74,9 +74,12 @@ class AutoencoderModule(LightningModule):
         num_log_images: int = 8,
         channels_last: bool = False,
         compile: bool = False,
+        split_weight_decay: bool = False,
     ) -> None:
         """`optimizer` / `disc_optimizer`: factories taking `params` (Hydra `_partial_: true`); the
-        discriminator reuses `optimizer` when `disc_optimizer` is None. `lpips`: an LPIPS module, or
+        discriminator reuses `optimizer` when `disc_optimizer` is None. `split_weight_decay`: no weight
+        decay on biases, norms and embeddings (`lit.optim.param_groups`; default one group, all decay).
+        `lpips`: an LPIPS module, or
         a factory called when fitting starts (so configs instantiate without the weight files)."""
         super().__init__()
         if disc_loss not in DISC_LOSSES:
@@ -153,11 +156,11 @@ class AutoencoderModule(LightningModule):
         return warmup_cosine_schedule(optimizer, int(self.trainer.estimated_stepping_batches), warmup)
 
     def configure_optimizers(self) -> Any:
-        opt_g = self.optimizer_factory(params=self.autoencoder.parameters())
+        opt_g = self.optimizer_factory(params=param_groups(self.autoencoder, self.hparams.split_weight_decay))
         sched_g = self._schedule(opt_g)
         if not self.uses_gan:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sched_g, "interval": "step"}}
-        opt_d = self.disc_optimizer_factory(params=self.discriminator.parameters())
+        opt_d = self.disc_optimizer_factory(params=param_groups(self.discriminator, self.hparams.split_weight_decay))
         sched_d = self._schedule(opt_d)
         return [opt_g, opt_d], [{"scheduler": sched_g, "interval": "step"}, {"scheduler": sched_d, "interval": "step"}]
 

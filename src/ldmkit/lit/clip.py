@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ldmkit.data.digits import DigitsDataModule
 from ldmkit.data.shapes import ShapesDataModule
 from ldmkit.lit.batches import move_batch_tensors
-from ldmkit.lit.optim import build_optimizer, build_scheduler, weight_decay_param_groups
+from ldmkit.lit.optim import build_optimizer, build_scheduler, param_groups
 from ldmkit.nn.clip import (
     ClipLoss,
     ZeroShotTask,
@@ -198,7 +198,7 @@ class ClipModule(LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.optimizer_factory, weight_decay_param_groups(self.net), self.device)
+        optimizer = build_optimizer(self.optimizer_factory, param_groups(self.net), self.device)
         scheduler = build_scheduler(self.scheduler_factory, optimizer, self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
 

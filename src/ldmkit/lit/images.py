@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
+from ldmkit import images as pixels
+
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """Tile (N, C, H, W) images in [0, 1] into one (C, H', W') image, `nrow` per row (default ~square)."""
@@ -27,11 +29,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """(C, H, W) in [0, 1] → 8-bit RGB (or L) PIL image."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    if array.shape[0] == 1:
-        return Image.fromarray(array[0].numpy(), mode="L")
-    return Image.fromarray(array[:3].permute(1, 2, 0).numpy(), mode="RGB")
+    """(C, H, W) in [0, 1] (a grid) → 8-bit RGB (or L) PIL image."""
+    return pixels.to_pil(image, value_range=pixels.UNIT)
 
 
 def _as_batch(images: torch.Tensor | Sequence[torch.Tensor], value_range: tuple[float, float]) -> torch.Tensor:

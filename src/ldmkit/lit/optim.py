@@ -6,7 +6,7 @@ Config pattern (the LightningModule receives `_partial_` factories and calls the
     scheduler: {_target_: ldmkit.lit.optim.warmup_cosine_schedule, _partial_: true, warmup_steps: 100}
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer, weight_decay_param_groups(self.net), self.device)
+        optimizer = build_optimizer(self.optimizer, param_groups(self.net), self.device)
         return {"optimizer": optimizer, "lr_scheduler": build_scheduler(self.scheduler, optimizer, self.trainer)}
 """
 
@@ -59,6 +59,19 @@ def weight_decay_param_groups(module: nn.Module, weight_decay: float | None = No
         decay_group["weight_decay"] = weight_decay
     groups = [decay_group, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
+
+
+def param_groups(module: nn.Module, split_weight_decay: bool = True) -> list[dict[str, Any]]:
+    """The parameter groups every stage hands its optimizer factory (the one place that decides).
+
+    `split_weight_decay=True`: `weight_decay_param_groups` (nanoGPT: the optimizer's weight decay on
+    weight matrices/kernels only; none on biases, norm gains, embeddings). `False`: one group holding
+    `module.parameters()`, so every parameter decays at the optimizer's rate; the autoencoder's and
+    LDM's default (their configs set weight_decay 0, and one group keeps old checkpoints resumable).
+    """
+    if split_weight_decay:
+        return weight_decay_param_groups(module)
+    return [{"params": list(module.parameters())}]
 
 
 def _factory_target(factory: Callable) -> Callable:
