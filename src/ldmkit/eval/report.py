@@ -1,8 +1,8 @@
-"""Sampler comparison report: a metrics table, FID-vs-NFE and CLIP-vs-FID plots and sample
-grids side by side, written as `report.md` (+ assets) and a self-contained `report.html`.
+"""Sampler comparison report: a metrics table, FID-vs-NFE and CLIP-vs-FID plots (`ldmkit.eval.plots`)
+and sample grids side by side, written as `report.md` (+ assets) and a self-contained `report.html`.
 
-Plots are inline SVG drawn here (no plotting dependency); images are PNG data URIs, so the
-HTML file can be mailed or attached to a W&B run as is.
+Plots are inline SVG (no plotting dependency); images are PNG data URIs, so the HTML file can be
+mailed or attached to a W&B run as is.
 
 A result row is a dict (missing or None metrics render as "n/a"): sampler, steps, guidance, nfe,
 sec_per_image, peak_mem_mb, num_images and each metric's fields (`ldmkit.eval.metrics`), e.g. fid,
@@ -20,7 +20,6 @@ import base64
 import html
 import io
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,12 +27,11 @@ from typing import Any
 
 from ldmkit.eval.files import free_stem, write_file, write_text
 from ldmkit.eval.metrics.base import Column, fmt as _fmt, missing as _missing
+from ldmkit.eval.plots import clip_vs_fid_svg, fid_vs_nfe_svgs, line_plot_svg  # noqa: F401 (re-exported)
 from ldmkit.eval.pngmeta import to_pil_image
 
 Row = Mapping[str, Any]
 ACCURACY_KEYS = ("colour", "shape", "both")
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
 
 DEFAULT_METRICS = ("fid", "kid", "clip_score", "prompt_accuracy")  # conf/eval.yaml's metrics, in order
 LEADING = (
@@ -122,136 +120,6 @@ def png_bytes(image: Any) -> bytes:
 
 def png_data_uri(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
-
-
-# --- SVG plots -----------------------------------------------------------------------------
-
-
-def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    if high <= low:
-        low, high = low - 1, high + 1
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.floor(low / step) * step
-    ticks = []
-    value = first
-    while value <= high + step * 0.5:
-        ticks.append(round(value, 10))
-        value += step
-    return ticks
-
-
-def line_plot_svg(
-    series: Mapping[str, Sequence[tuple[float, float, str]]],
-    *,
-    title: str,
-    x_label: str,
-    y_label: str,
-    log_x: bool = False,
-    width: int = 520,
-    height: int = 340,
-) -> str:
-    """One polyline with markers per series; points are (x, y, hover text[, annotation])."""
-    points = [(p[0], p[1]) for pts in series.values() for p in pts]
-    if not points:
-        return f'<p class="empty-plot">{html.escape(title)}: no data to plot (metric n/a).</p>'
-    legend_chars = max((len(name) for name in series), default=0)
-    left, right, top, bottom = 64, 40 + 7 * legend_chars, 30, 46
-    width += max(0, right - 130)  # grow the canvas for long legend names, keep the plot area
-    plot_w, plot_h = width - left - right, height - top - bottom
-    tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
-    xs, ys = [tx(x) for x, _ in points], [y for _, y in points]
-    x_ticks = (
-        [10**e * m for e in range(math.floor(min(xs)), math.ceil(max(xs)) + 1) for m in (1, 2, 5)]
-        if log_x
-        else _nice_ticks(min(xs), max(xs))
-    )
-    if log_x:
-        x_ticks = [t for t in x_ticks if min(xs) - 0.05 <= math.log10(t) <= max(xs) + 0.05] or [10 ** min(xs)]
-    y_ticks = _nice_ticks(min(ys), max(ys))
-    x_lo, x_hi = min([*xs, *(tx(t) for t in x_ticks)]), max([*xs, *(tx(t) for t in x_ticks)])
-    y_lo, y_hi = min([*ys, *y_ticks]), max([*ys, *y_ticks])
-    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
-
-    def px(x: float) -> float:
-        return left + (tx(x) - x_lo) / (x_hi - x_lo) * plot_w
-
-    def py(y: float) -> float:
-        return top + (1 - (y - y_lo) / (y_hi - y_lo)) * plot_h
-
-    e = html.escape
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-        f"<title>{e(title)}</title>",
-        f'<text x="{left + plot_w / 2}" y="18" text-anchor="middle" font-size="13">{e(title)}</text>',
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>',
-    ]
-    for t in y_ticks:
-        y = py(t)
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
-    for t in x_ticks:
-        x = px(t)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#eee"/>')
-        parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{t:g}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">{e(x_label)}</text>')
-    parts.append(
-        f'<text transform="translate(16 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">{e(y_label)}</text>'
-    )
-    for i, (name, pts) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pts = sorted(pts, key=lambda p: p[0])
-        coords = " ".join(f"{px(p[0]):.1f},{py(p[1]):.1f}" for p in pts)
-        parts.append(f'<polyline class="series" data-series="{e(name)}" points="{coords}" fill="none" '
-                     f'stroke="{colour}" stroke-width="2"/>')
-        for x, y, label, *note in pts:
-            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}">'
-                         f"<title>{e(label)}</title></circle>")
-            if note:
-                parts.append(f'<text x="{px(x) + 5:.1f}" y="{py(y) - 5:.1f}" font-size="9" fill="{colour}">'
-                             f"{e(note[0])}</text>")
-        ly = top + 8 + 16 * i
-        parts.append(f'<line x1="{left + plot_w + 10}" x2="{left + plot_w + 28}" y1="{ly}" y2="{ly}" '
-                     f'stroke="{colour}" stroke-width="2"/>')
-        parts.append(f'<text x="{left + plot_w + 32}" y="{ly + 4}">{e(name)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def fid_vs_nfe_svgs(rows: Sequence[Row]) -> list[str]:
-    """FID against NFE, one line per sampler; one plot per guidance scale."""
-    by_guidance: dict[Any, dict[str, list]] = {}
-    for r in rows:
-        by_guidance.setdefault(r.get("guidance"), {})
-        if _missing(r.get("fid")) or _missing(r.get("nfe")):
-            continue
-        label = f"{r.get('sampler')}: {r.get('steps')} steps, NFE {r['nfe']}, FID {r['fid']:.2f}"
-        by_guidance[r.get("guidance")].setdefault(str(r.get("sampler")), []).append((r["nfe"], r["fid"], label))
-    plots = []
-    for guidance in sorted(by_guidance, key=_num):
-        series = by_guidance[guidance]
-        nfes = [p[0] for pts in series.values() for p in pts]
-        title = "FID vs NFE" + ("" if _missing(guidance) else f" (guidance {guidance:g})")
-        log_x = bool(nfes) and min(nfes) > 0 and max(nfes) / min(nfes) >= 8
-        plots.append(line_plot_svg(series, title=title, x_label="NFE (network evaluations per image)",
-                                   y_label="FID", log_x=log_x))
-    return plots or [line_plot_svg({}, title="FID vs NFE", x_label="NFE", y_label="FID")]
-
-
-def clip_vs_fid_svg(rows: Sequence[Row]) -> str:
-    """CLIP score against FID, one line per (sampler, steps) through its guidance scales."""
-    series: dict[str, list] = {}
-    for r in rows:
-        if _missing(r.get("fid")) or _missing(r.get("clip_score")):
-            continue
-        name = f"{r.get('sampler')} / {r.get('steps')} steps"
-        label = f"{name}, guidance {_fmt(r.get('guidance'), 'g')}: FID {r['fid']:.2f}, CLIP {r['clip_score']:.2f}"
-        note = f"w={_fmt(r.get('guidance'), 'g')}"
-        series.setdefault(name, []).append((r["fid"], r["clip_score"], label, note))
-    return line_plot_svg(series, title="CLIP score vs FID across guidance scales", x_label="FID ↓",
-                         y_label="CLIP score ↑")
 
 
 # --- markdown ------------------------------------------------------------------------------
