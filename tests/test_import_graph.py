@@ -27,7 +27,11 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     """ldmkit modules `name` imports anywhere in its body (top level, functions, TYPE_CHECKING blocks)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    # `if __name__ == "__main__":` only runs when the file is the script (`python -m ...`), as the module
+    # `__main__`, a second copy: its imports (shims to ldmkit.cli) cannot close a circle.
+    tree.body = [node for node in tree.body if not _is_main_guard(node)]
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -44,6 +48,12 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
             if target and target != name:
                 found.add(target)
     return found
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators))
 
 
 def import_graph() -> dict[str, set[str]]:

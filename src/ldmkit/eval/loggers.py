@@ -28,25 +28,20 @@ def scalar_metrics(rows: Sequence[dict]) -> dict[str, float]:
 def build_loggers(cfg: DictConfig) -> list:
     """The `logger` group's loggers, named after the evaluated run (the train-run defaults name runs
     after the model group eval lacks)."""
-    from hydra.utils import instantiate
     from lightning.pytorch.loggers import Logger
+
+    from ldmkit.config import instantiate_group
 
     logger_cfg = cfg.logger.copy()
     defaults = {"name": f"{cfg.get('task_name', 'eval')}-{Path(str(cfg.ckpt)).parent.name}", "group": "eval"}
-    loggers = []
     with open_dict(logger_cfg):
-        for name, node in logger_cfg.items():
-            if not isinstance(node, DictConfig) or "_target_" not in node:
-                continue
-            raw = OmegaConf.to_container(node, resolve=False)
-            for key, default in defaults.items():
-                if key in raw and (raw[key] is None or "choices.model" in str(raw[key])):
-                    node[key] = default
-            logger = instantiate(node)
-            if not isinstance(logger, Logger):
-                raise TypeError(f"logger.{name}: `{node._target_}` built a {type(logger).__name__}, not a Logger.")
-            loggers.append(logger)
-    return loggers
+        for node in logger_cfg.values():
+            if isinstance(node, DictConfig):
+                raw = OmegaConf.to_container(node, resolve=False)
+                for key, default in defaults.items():
+                    if key in raw and (raw[key] is None or "choices.model" in str(raw[key])):
+                        node[key] = default
+    return instantiate_group(logger_cfg, Logger)
 
 
 def log_to_loggers(cfg: DictConfig, rows: list[dict], grids: dict) -> None:
