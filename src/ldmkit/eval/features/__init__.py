@@ -1,0 +1,1 @@
+"""Feature extractors for distribution metrics (DINOv2, CLIP), each recording its identity."""
