@@ -102,6 +102,11 @@ def test_density_coverage_and_pr_equal_prdc_package():
     pr = precision_recall(feature_set(real), feature_set(fake), k=5)  # prdc's "<" vs our "<=": no ties here
     assert (pr["precision"], pr["recall"]) == pytest.approx((ref["precision"], ref["recall"]), abs=1e-12)
     assert 0.1 < ours["coverage"] < 0.99 and ours["density"] > 0.05
+    shard_a, shard_b = feature_set(fake[:100], batch=9), feature_set(fake[100:], batch=33)  # two "processes"
+    shard_a.merge(shard_b)
+    assert density_coverage(feature_set(real), shard_a, k=5) == ours
+    assert frechet_feature_distance(feature_set(real), shard_a) == pytest.approx(
+        frechet_feature_distance(feature_set(real), feature_set(fake)), rel=1e-10)
 
 
 def test_knn_metrics_say_the_minimum_number_of_images():
