@@ -153,7 +153,7 @@ def test_zero_snr_interpolation_and_grids():
 def test_sampling_grid_shape(spacing):
     s = make_schedule("scaled_linear")
     grid = sampling_grid(s, 8, spacing)
-    assert len(grid) == 9 and grid[-1] == NoiseLevel(-1.0, 1.0) and grid[-1].is_clean
+    assert len(grid) == 9 and grid[-1] == NoiseLevel.from_alpha_bar(-1.0, 1.0) and grid[-1].is_clean
     ab = [lv.alpha_bar for lv in grid]
     assert all(a < b for a, b in zip(ab, ab[1:]))
     for lv in grid[:-1]:  # ᾱ at a grid point is the schedule's ᾱ at its timestep

@@ -10,8 +10,9 @@ to the conditional one and blends with weight φ = `rescale`. Unlike the combina
 not invariant under the parameterisation change, so the space matters: we rescale in x̂_0 space by
 default (`rescale_space="x0"`; the quantity whose over-exposure the paper fixes, and identical for eps-
 and v-models), and offer "v" (the paper's v-model outputs, ComfyUI's choice) and "eps".
-Rescaling needs ᾱ(t) and the parameterisation: `ldmkit.diffusion.sample` supplies both when handed
-the wrapper; called standalone, pass `schedule=` and `prediction=`.
+Rescaling needs (α, σ) at the network's t, from the noise process, and the parameterisation:
+`ldmkit.diffusion.sample` supplies both when handed the wrapper; called standalone, pass `process=`
+(or its former name `schedule=`) and `prediction=`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.diffusion.parameterization import check_prediction, convert
-from ldmkit.diffusion.schedules import Schedule
+from ldmkit.diffusion.processes import NoiseProcess
 
 
 def _batch_size(tree: Any) -> int | None:
@@ -79,7 +80,7 @@ class ClassifierFreeGuidance:
     uncond: Any
     scale: float
     rescale: float = 0.0
-    schedule: Schedule | None = None
+    process: NoiseProcess | None = None
     prediction: str | None = None
     rescale_space: str = "x0"
 
@@ -88,9 +89,9 @@ class ClassifierFreeGuidance:
         if not 0.0 <= self.rescale <= 1.0:
             raise ValueError(f"guidance rescale φ must be in [0, 1], got {self.rescale}.")
 
-    def bind(self, schedule: Schedule, prediction: str) -> "ClassifierFreeGuidance":
-        """A copy that knows the schedule and parameterisation (what `sample` does for you)."""
-        return replace(self, schedule=self.schedule or schedule, prediction=self.prediction or prediction)
+    def bind(self, process: NoiseProcess, prediction: str) -> "ClassifierFreeGuidance":
+        """A copy that knows the noise process and parameterisation (what `sample` does for you)."""
+        return replace(self, process=self.process or process, prediction=self.prediction or prediction)
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         batch = x_t.shape[0]
@@ -104,19 +105,19 @@ class ClassifierFreeGuidance:
         return guided
 
     def _rescale(self, guided: Tensor, positive: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        if self.schedule is None or self.prediction is None:
+        if self.process is None or self.prediction is None:
             raise ValueError(
-                "guidance rescale needs the schedule and the model's prediction type: pass the guided model to "
-                "ldmkit.diffusion.sample(...), or build it with classifier_free_guidance(..., schedule=, prediction=)."
+                "guidance rescale needs the schedule (noise process) and the model's prediction type: pass the guided "
+                "model to ldmkit.diffusion.sample(...), or build it with classifier_free_guidance(..., process=, prediction=)."
             )
-        alpha_bar = self.schedule.alpha_bar_at(t)
+        level = self.process.path(self.process.from_model_time(t))  # (α, σ) at the network's t, (B,)
         space, src = self.rescale_space, self.prediction
-        guided_s = convert(guided, x_t, alpha_bar, src, space)
-        positive_s = convert(positive, x_t, alpha_bar, src, space)
+        guided_s = convert(guided, x_t, level, src, space)
+        positive_s = convert(positive, x_t, level, src, space)
         dims = tuple(range(1, guided.ndim))
         factor = positive_s.std(dim=dims, keepdim=True) / guided_s.std(dim=dims, keepdim=True).clamp(min=1e-12)
         blended = self.rescale * guided_s * factor + (1 - self.rescale) * guided_s
-        return convert(blended, x_t, alpha_bar, space, src)
+        return convert(blended, x_t, level, space, src)
 
 
 def classifier_free_guidance(
@@ -126,13 +127,15 @@ def classifier_free_guidance(
     scale: float,
     *,
     rescale: float = 0.0,
-    schedule: Schedule | None = None,
+    process: NoiseProcess | None = None,
     prediction: str | None = None,
     rescale_space: str = "x0",
+    schedule: NoiseProcess | None = None,
 ) -> ClassifierFreeGuidance:
     """Wrap `model(x_t, t, cond)` into `model_fn(x_t, t)` with classifier-free guidance.
 
     `cond`/`uncond`: tensors (B, ...) or pytrees (tuple/list/dict) of them; uncond leaves of batch 1 are
     broadcast (negative prompts are just another `uncond`). One forward of 2B per call; `scale == 1`
     runs the conditional pass only. `rescale` is φ of Lin et al. 2023 (0 disables)."""
-    return ClassifierFreeGuidance(model, cond, uncond, float(scale), float(rescale), schedule, prediction, rescale_space)
+    return ClassifierFreeGuidance(model, cond, uncond, float(scale), float(rescale), process or schedule, prediction,
+                                  rescale_space)

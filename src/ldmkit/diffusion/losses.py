@@ -25,37 +25,17 @@ plain loss): a floor there would be an infinite ε-weight at SNR = 0, where ε̂
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from ldmkit.diffusion.parameterization import check_prediction, target
-from ldmkit.diffusion.schedules import Schedule, q_sample
+from ldmkit.diffusion.parameterization import check_prediction
+from ldmkit.diffusion.vp import Schedule, sample_timesteps  # noqa: F401  (sample_timesteps: its former home)
 
 WEIGHTINGS = ("uniform", "min_snr", "snr", "edm")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 _WEIGHTING_ALIASES = {"simple": "uniform", "min_snr_gamma": "min_snr"}
-
-
-def sample_timesteps(
-    batch_size: int,
-    num_timesteps: int,
-    *,
-    method: str = "uniform",
-    mean: float = 0.0,
-    std: float = 1.0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Integer timesteps (B,) in [0, T-1]. `uniform`, or `logit_normal` (Esser et al. 2024, §3.1):
-    u = sigmoid(N(mean, std²)), t = floor(u·T), so larger `mean` favours noisier timesteps."""
-    if method == "uniform":
-        return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
-    if method == "logit_normal":
-        u = torch.sigmoid(mean + std * torch.randn(batch_size, generator=generator, device=device))
-        return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
-    raise ValueError(f"Unknown timestep sampling '{method}'; choose one of {', '.join(TIMESTEP_SAMPLINGS)}.")
 
 
 def x0_error_scale(snr: Tensor, prediction: str) -> Tensor:
@@ -102,14 +82,9 @@ def _check_min_snr(gamma: float, floor: float) -> None:
 
 @dataclass
 class DenoisingLoss:
-    """`loss_fn(model, x0, schedule, cond=..., generator=...) -> (per_sample_loss (B,), t (B,))`.
-
-    `model(x_t, t, cond)` returns the raw output in `prediction` parameterisation; t is a LongTensor.
-    `offset_noise` adds offset · N(0, 1) per (sample, channel) to ε (Guttenberg 2023); it is part of
-    the noise the model must predict. `input_perturbation` noises x_t with ε + γ·ξ while the target
-    keeps ε (Ning et al. 2023, DDPM-IP). `edm_sigma_data` is σ_data of the `edm` weighting; `min_snr_floor`
-    the x0-space floor of `min_snr` for v/x0 predictions (module docstring).
-    """
+    """`loss_fn(model, x0, schedule, cond=..., generator=...) -> (per_sample_loss (B,), t (B,))`: the
+    former interface of `ldmkit.diffusion.objectives.DenoisingObjective` (which holds the process and
+    returns the loss only), kept for callers that pass the schedule per call. Fields as there."""
 
     prediction: str = "eps"
     weighting: str = "uniform"
@@ -123,46 +98,14 @@ class DenoisingLoss:
     edm_sigma_data: float = 0.5
 
     def __post_init__(self) -> None:
-        check_prediction(self.prediction)
-        self.weighting = _WEIGHTING_ALIASES.get(self.weighting, self.weighting)
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"Unknown loss weighting '{self.weighting}'; choose one of {', '.join(WEIGHTINGS)}.")
-        if self.weighting == "min_snr":
-            _check_min_snr(self.min_snr_gamma, self.min_snr_floor)
-        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(
-                f"Unknown timestep sampling '{self.timestep_sampling}'; choose one of {', '.join(TIMESTEP_SAMPLINGS)}."
-            )
+        self.weighting = self.objective(None).weighting  # validates and resolves aliases
+
+    def objective(self, process):
+        from ldmkit.diffusion.objectives import DenoisingObjective
+
+        return DenoisingObjective(process, **{f.name: getattr(self, f.name) for f in fields(self)})
 
     def __call__(
         self, model, x0: Tensor, schedule: Schedule, *, cond=None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        if self.weighting == "edm" and self.prediction == "eps" and schedule.has_zero_terminal_snr:
-            raise ValueError(
-                "weighting='edm' with prediction='eps' puts infinite weight on the zero-SNR timestep; "
-                "use prediction='v' or 'x0' with zero_terminal_snr (Lin et al. 2023 train with v)."
-            )
-        batch, device = x0.shape[0], x0.device
-        t = sample_timesteps(
-            batch, schedule.num_timesteps, method=self.timestep_sampling, mean=self.logit_normal_mean,
-            std=self.logit_normal_std, generator=generator, device=device,
-        )
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-        if self.offset_noise:
-            offset_shape = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (B, C, 1, 1)
-            noise = noise + self.offset_noise * torch.randn(offset_shape, generator=generator, device=device, dtype=x0.dtype)
-        model_noise = noise
-        if self.input_perturbation:
-            model_noise = noise + self.input_perturbation * torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-        x_t = q_sample(schedule, x0, t, model_noise)
-        pred = model(x_t, t, cond)
-        table = schedule.tables(device)
-        alpha_bar = table["alphas_cumprod"][t]
-        goal = target(self.prediction, x0, noise, alpha_bar)
-        mse = (pred.float() - goal.float()).square().flatten(1).mean(1)  # (B,)
-        snr = alpha_bar / (1 - alpha_bar)
-        weight = loss_weight(
-            self.weighting, snr, self.prediction, min_snr_gamma=self.min_snr_gamma, min_snr_floor=self.min_snr_floor,
-            sigma_data=self.edm_sigma_data,
-        )
-        return mse * weight.to(mse.dtype), t
+        return self.objective(schedule).loss_and_time(model, x0, cond, generator)

@@ -1,7 +1,17 @@
-"""Noise schedules: ᾱ_t over T discrete timesteps, sigma spacings, and the grids samplers walk.
+"""Noise processes: how data becomes noise, x_t = α(t) x_0 + σ(t) ε, and everything that depends on it.
 
-Conventions (used everywhere in `ldmkit.diffusion`):
-- Discrete timesteps t = 0 .. T-1; t = T-1 is the noisiest. ᾱ_t = prod_{s<=t} (1 - β_s).
+The contract (`NoiseProcess`): a process maps its time t to (α, σ) (`path`), owns the network's time input
+(`model_time`), the training-time distribution of t (`sample_time`), the sampling grid a sampler walks
+(`sampling_grid`, a list of `NoiseLevel`s carrying t, α and σ), and how it is recorded in an artifact
+(`to_artifact` / `process_from_artifact`). Samplers, guidance, parameterisations and the training
+objective only see (α, σ) and the process's methods, so a second process (rectified flow, issue 15)
+slots in beside this one without a copy of any of them: subclass `NoiseProcess` and register its kind
+in `PROCESS_KINDS`.
+
+Implemented here: `DiscreteVP` (alias `Schedule`), the discrete variance-preserving schedules.
+Conventions:
+- Discrete timesteps t = 0 .. T-1; t = T-1 is the noisiest. ᾱ_t = prod_{s<=t} (1 - β_s). The network's
+  time input is t itself (`model_time` is the identity), integer in training, fractional between grid points.
 - Variance-preserving (VP) scale: x_t = α_t x_0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 - ᾱ_t).
 - "k-sigma" (variance-exploding scale, k-diffusion / EDM): σ̃_t = σ_t / α_t = sqrt((1 - ᾱ_t) / ᾱ_t);
   `Schedule.sigmas` holds it. x_t / α_t = x_0 + σ̃_t ε.
@@ -11,264 +21,169 @@ Conventions (used everywhere in `ldmkit.diffusion`):
 
 from __future__ import annotations
 
+import importlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid", "sigmoid_beta")
+from ldmkit.diffusion.parameterization import PathPoint
+
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SIGMA_SPACINGS = ("karras", "exponential")
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS
-
-# Where ᾱ_{T-1} = 0 (zero terminal SNR), σ̃ is infinite. Interpolating log σ̃ and the Karras/exponential
-# sigma spacings need a finite stand-in: ᾱ = 2^-24 (σ̃ ≈ 4096), the value diffusers uses for the same purpose
-# (or ᾱ_{T-2}/2 if that is smaller). Integer timesteps keep the exact ᾱ = 0.
-ZERO_SNR_ALPHA_BAR = 2.0**-24
-_MIN_SIGMA = 1e-10  # stand-in for σ̃ = 0 (ᾱ = 1) when taking logs
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    # float64 for the schedule arithmetic wherever the backend has it (1 - ᾱ near t=0 loses digits in float32)
-    return torch.float32 if device.type == "mps" else torch.float64
+class ProcessError(ValueError):
+    """A noise process asked for something it does not define (e.g. a sampler or prediction for another family)."""
 
 
-@dataclass(frozen=True, eq=False)
-class Schedule:
-    """ᾱ_t for t = 0..T-1 (stored float64 on CPU; device copies are cached on first use)."""
+# ---- the grid a sampler walks ----------------------------------------------------------------
 
-    alphas_cumprod: Tensor
-    _device_tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        ac = torch.as_tensor(self.alphas_cumprod).detach().to("cpu", torch.float64)
-        if ac.ndim != 1 or ac.numel() < 2:
-            raise ValueError(f"Schedule.alphas_cumprod must be 1-D with at least 2 timesteps, got shape {tuple(ac.shape)}.")
-        if not bool(((ac >= 0) & (ac <= 1)).all()) or not bool((ac[1:] <= ac[:-1]).all()) or float(ac[0]) == 0.0:
-            raise ValueError(
-                "Schedule.alphas_cumprod must lie in [0, 1], be non-increasing in t and start above 0 "
-                f"(got first={float(ac[0]):.6g}, last={float(ac[-1]):.6g}); build one with make_schedule(...)."
-            )
-        object.__setattr__(self, "alphas_cumprod", ac)
+@dataclass(frozen=True)
+class NoiseLevel:
+    """One point of a sampling grid (python floats, float64): the process time t, α and σ there.
 
-    def __getstate__(self) -> dict:
-        # pickles (checkpoints, DDP spawn) carry ᾱ only, not the per-device caches
-        return {**self.__dict__, "_device_tables": {}}
+    `t` is the process's own time (for discrete VP the fractional timestep; -1 marks the clean end point,
+    never evaluated); the network sees `process.model_time(t)`. `alpha_bar` is α²/(α² + σ²), the VP-equivalent
+    ᾱ (for VP levels the exact table value, so VP arithmetic stays bit for bit). `d_alpha`/`d_sigma` are
+    dα/dt, dσ/dt where the process defines them (needed for `flow` predictions)."""
 
-    @property
-    def num_timesteps(self) -> int:
-        return self.alphas_cumprod.numel()
+    t: float
+    alpha: float
+    sigma: float
+    alpha_bar: float
+    variance_preserving: bool = False
+    d_alpha: float | None = None
+    d_sigma: float | None = None
 
-    @property
-    def betas(self) -> Tensor:
-        ac = self.alphas_cumprod
-        return 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])
+    @classmethod
+    def from_alpha_bar(cls, t: float, alpha_bar: float) -> "NoiseLevel":
+        """A VP level: α = sqrt(ᾱ), σ = sqrt(1 - ᾱ)."""
+        return cls(float(t), math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar), float(alpha_bar), True)
+
+    @classmethod
+    def from_alpha_sigma(cls, t: float, alpha: float, sigma: float, d_alpha: float | None = None,
+                         d_sigma: float | None = None) -> "NoiseLevel":
+        norm = alpha * alpha + sigma * sigma
+        return cls(float(t), float(alpha), float(sigma), alpha * alpha / norm, False, d_alpha, d_sigma)
 
     @property
-    def sigmas(self) -> Tensor:
-        """k-sigma σ̃_t = sqrt((1 - ᾱ_t) / ᾱ_t); +inf where ᾱ_t = 0."""
-        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+    def sigma_ve(self) -> float:
+        """k-sigma σ/α: +inf at zero SNR, 0 when clean."""
+        return math.inf if self.alpha == 0 else self.sigma / self.alpha
 
     @property
-    def snr(self) -> Tensor:
-        """SNR_t = ᾱ_t / (1 - ᾱ_t) = 1 / σ̃_t²."""
-        return self.alphas_cumprod / (1 - self.alphas_cumprod)
+    def lam(self) -> float:
+        """Half log-SNR λ = log(α/σ): -inf at zero SNR, +inf when clean (DPM-Solver's time variable)."""
+        if self.alpha == 0:
+            return -math.inf
+        if self.sigma == 0:
+            return math.inf
+        if self.variance_preserving:
+            return 0.5 * (math.log(self.alpha_bar) - math.log1p(-self.alpha_bar))
+        return math.log(self.alpha) - math.log(self.sigma)
 
     @property
-    def log_snr(self) -> Tensor:
-        return self.alphas_cumprod.log() - torch.log1p(-self.alphas_cumprod)
+    def is_clean(self) -> bool:
+        return self.sigma == 0.0
+
+
+# ---- the contract ----------------------------------------------------------------------------
+
+
+class NoiseProcess:
+    """x_t = α(t) x_0 + σ(t) ε. Subclasses implement the methods that raise here; see the module docstring.
+
+    Time tensors are (B,); `path` returns float64 coefficients (float32 on MPS) on t's device."""
+
+    kind: str = "abstract"
+    variance_preserving: bool = False
+    grid_options: tuple[str, ...] = ()  # keyword options of `sampling_grid` besides steps and spacing
+
+    # -- the path
+    def path(self, t: Tensor) -> PathPoint:
+        """(α, σ) (and α', σ' where defined) at process times t (B,)."""
+        raise NotImplementedError
+
+    def snr_at(self, t: Tensor) -> Tensor:
+        """α² / σ² at t (B,)."""
+        p = self.path(t)
+        return (p.alpha / p.sigma) ** 2
 
     @property
     def has_zero_terminal_snr(self) -> bool:
-        return float(self.alphas_cumprod[-1]) == 0.0
+        """True when the noisiest point is pure noise (α = 0), where an eps-prediction is undefined."""
+        raise NotImplementedError
 
-    def _finite_terminal_alpha_bar(self) -> float:
-        last, before = float(self.alphas_cumprod[-1]), float(self.alphas_cumprod[-2])
-        if last > 0:
-            return last
-        return ZERO_SNR_ALPHA_BAR if ZERO_SNR_ALPHA_BAR < before else before / 2
+    # -- the network's time input
+    def model_time(self, t: Tensor) -> Tensor:
+        """The time input the network sees for process time t."""
+        return t
 
-    @property
-    def sigma_min(self) -> float:
-        """σ̃ at t = 0."""
-        return float(self.sigmas[0])
+    def from_model_time(self, t_model: Tensor) -> Tensor:
+        """Inverse of `model_time` (guidance rescale gets the network's t and needs (α, σ))."""
+        return t_model
 
-    @property
-    def sigma_max(self) -> float:
-        """σ̃ at t = T-1, finite: for zero terminal SNR the stand-in ᾱ = 2^-24 (σ̃ ≈ 4096) is used."""
-        ab = self._finite_terminal_alpha_bar()
-        return math.sqrt((1 - ab) / ab)
+    # -- training
+    def sample_time(self, batch: int, *, method: str = "uniform", mean: float = 0.0, std: float = 1.0,
+                    generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+        """Training times (B,): `uniform`, or `logit_normal` (Esser et al. 2024, §3.1), larger `mean` noisier."""
+        raise NotImplementedError
 
-    def tables(self, device: torch.device | str) -> dict[str, Tensor]:
-        """Per-device cached copies: `alphas_cumprod`, `sqrt_alphas_cumprod`, `sqrt_one_minus_alphas_cumprod`,
-        `log_sigmas` (with the zero-SNR stand-in). float64 except on MPS. Built once, so training steps don't copy."""
-        device = torch.device(device)
-        key = (device.type, device.index)
-        if key not in self._device_tables:
-            ac = self.alphas_cumprod
-            finite_ac = ac.clone()
-            finite_ac[-1] = self._finite_terminal_alpha_bar()
-            log_sigmas = (0.5 * (torch.log1p(-finite_ac) - finite_ac.log())).clamp(min=math.log(_MIN_SIGMA))
-            host = {
-                "alphas_cumprod": ac,
-                "sqrt_alphas_cumprod": ac.sqrt(),
-                "sqrt_one_minus_alphas_cumprod": (1 - ac).sqrt(),
-                "log_sigmas": log_sigmas,
-            }
-            dtype = _compute_dtype(device)
-            self._device_tables[key] = {k: v.to(device, dtype) for k, v in host.items()}
-        return self._device_tables[key]
+    def time_bucket(self, t: Tensor, buckets: int) -> Tensor:
+        """Index in 0..buckets-1 of t on the process's time axis, noisier = higher (validation loss per bucket)."""
+        raise NotImplementedError
 
-    def alpha_bar_at(self, t: Tensor | float) -> Tensor:
-        """ᾱ at (possibly fractional) timesteps t, on t's device. Integers return the table value exactly;
-        in between, log σ̃ is interpolated linearly (so `timestep_at_sigma` inverts it)."""
-        t = torch.as_tensor(t)
-        table = self.tables(t.device)
-        t = t.to(table["alphas_cumprod"].dtype)
-        if t.device.type == "cpu" and bool(((t < 0) | (t > self.num_timesteps - 1)).any()):  # no host sync off-CPU
-            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got {t.min().item()}..{t.max().item()}.")
-        low = t.floor().clamp(0, self.num_timesteps - 2)
-        w = t - low
-        low = low.long()
-        log_sigma = torch.lerp(table["log_sigmas"][low], table["log_sigmas"][low + 1], w)
-        interpolated = torch.sigmoid(-2 * log_sigma)  # ᾱ = 1 / (1 + σ̃²)
-        exact = table["alphas_cumprod"][t.round().long().clamp(0, self.num_timesteps - 1)]
-        return torch.where(t == t.round(), exact, interpolated)
+    # -- sampling
+    def sampling_grid(self, steps: int, spacing: str = "trailing", **options: Any) -> list[NoiseLevel]:
+        """The `steps + 1` noise levels a sampler visits, from the first model evaluation to clean data."""
+        raise NotImplementedError
 
-    def sigma_at(self, t: Tensor | float) -> Tensor:
-        """k-sigma σ̃ at (possibly fractional) timesteps t."""
-        ab = self.alpha_bar_at(t)
-        return ((1 - ab) / ab).sqrt()
+    def require_variance_preserving(self, what: str, fix: str) -> None:
+        if not self.variance_preserving:
+            raise ProcessError(f"{what} is defined for variance-preserving processes (α² + σ² = 1), not for "
+                               f"process kind '{self.kind}'. {fix}")
 
-    def timestep_at_sigma(self, sigma: Tensor | float) -> Tensor:
-        """Fractional timestep whose k-sigma is `sigma` (log σ̃ interpolation, clipped to [0, T-1])."""
-        sigma = torch.as_tensor(sigma)
-        table = self.tables(sigma.device)
-        log_sigmas = table["log_sigmas"]
-        log_sigma = sigma.to(log_sigmas.dtype).clamp(min=_MIN_SIGMA).log()
-        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, self.num_timesteps - 2)
-        lo, hi = log_sigmas[low], log_sigmas[low + 1]
-        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-        return low.to(log_sigma.dtype) + w
+    # -- artifacts
+    def to_artifact(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """(config with `kind` and parameters, tensors) recorded in an artifact; `process_from_artifact` inverts it."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_artifact(cls, config: dict[str, Any], tensors: dict[str, Tensor]) -> "NoiseProcess":
+        raise NotImplementedError
 
 
-# ---- discrete schedules ----------------------------------------------------------------------
+# kind -> "module:Class" (resolved lazily, so adding a process is one line here plus its module)
+PROCESS_KINDS: dict[str, str] = {
+    "vp_discrete": "ldmkit.diffusion.vp:DiscreteVP",
+}
 
 
-def _betas_from_alpha_bar_fn(fn: Callable[[float], float], num_timesteps: int, max_beta: float) -> Tensor:
-    # Nichol & Dhariwal 2021 eq. 17: β_t = min(1 - ᾱ(t/T) / ᾱ((t-1)/T), max_beta), here with t = i+1
-    betas = [min(1 - fn((i + 1) / num_timesteps) / fn(i / num_timesteps), max_beta) for i in range(num_timesteps)]
-    return torch.tensor(betas, dtype=torch.float64)
+def process_class(kind: str) -> type[NoiseProcess]:
+    if kind not in PROCESS_KINDS:
+        raise ProcessError(f"Unknown noise process kind '{kind}'; known kinds: {', '.join(PROCESS_KINDS)}. "
+                           "The artifact was written by a newer ldmkit, or its config.json was edited.")
+    module, name = PROCESS_KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _sigmoid(z: float) -> float:
-    return 1 / (1 + math.exp(-z))
+def process_from_artifact(config: dict[str, Any], tensors: dict[str, Tensor]) -> NoiseProcess:
+    """Rebuild a process from what `NoiseProcess.to_artifact` wrote (config needs `kind`)."""
+    return process_class(config["kind"]).from_artifact(config, tensors)
 
 
-def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so that ᾱ_{T-1} = 0 and ᾱ_0 is unchanged."""
-    sqrt_ab = alphas_cumprod.to(torch.float64).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    return sqrt_ab.square()
-
-
-_DEFAULT_BETAS = {"linear": (1e-4, 2e-2), "scaled_linear": (8.5e-4, 1.2e-2), "sigmoid_beta": (1e-4, 2e-2)}
-_EXTRA_OPTIONS = {"cosine": {"cosine_s": 0.008, "max_beta": 0.999}, "sigmoid": {"start": -3.0, "end": 3.0, "tau": 1.0, "max_beta": 0.999}}
-
-
-def make_schedule(
-    name: str = "scaled_linear",
-    num_timesteps: int = 1000,
-    *,
-    zero_terminal_snr: bool = False,
-    beta_start: float | None = None,
-    beta_end: float | None = None,
-    **kw: Any,
-) -> Schedule:
-    """Build a discrete schedule by name.
-
-    - `linear`: DDPM (Ho et al. 2020) β linear in [beta_start, beta_end] = [1e-4, 0.02].
-    - `scaled_linear`: Stable Diffusion, sqrt(β) linear in [sqrt(0.00085), sqrt(0.012)].
-    - `cosine`: Nichol & Dhariwal 2021, ᾱ(t) ∝ cos²((t/T + s)/(1 + s) · π/2), s = `cosine_s` = 0.008,
-      β clipped at `max_beta` = 0.999 (diffusers `squaredcos_cap_v2`).
-    - `sigmoid`: Chen 2023 ("On the importance of noise scheduling"), ᾱ(t) from a sigmoid over
-      [start, end] = [-3, 3] with temperature tau = 1, β clipped at `max_beta` like cosine.
-    - `sigmoid_beta`: GeoDiff's β = sigmoid(linspace(-6, 6)) · (beta_end - beta_start) + beta_start
-      (what diffusers calls `beta_schedule="sigmoid"`).
-    `zero_terminal_snr=True` applies Lin et al. 2023 Alg. 1 to any of them.
-    """
-    if name not in SCHEDULES:
-        raise ValueError(f"Unknown schedule '{name}'; choose one of {', '.join(SCHEDULES)}.")
-    if num_timesteps < 2:
-        raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}.")
-    allowed = _EXTRA_OPTIONS.get(name, {})
-    unknown = sorted(set(kw) - set(allowed))
-    if unknown:
-        raise ValueError(f"Schedule '{name}' takes no option(s) {unknown}; its options are {sorted(allowed) or 'none'}.")
-    opts = {**allowed, **kw}
-    T = num_timesteps
-    if name in _DEFAULT_BETAS:
-        default_start, default_end = _DEFAULT_BETAS[name]
-        beta_start = default_start if beta_start is None else float(beta_start)
-        beta_end = default_end if beta_end is None else float(beta_end)
-        if name == "linear":
-            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        elif name == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-        else:
-            betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
-    else:
-        if beta_start is not None or beta_end is not None:
-            raise ValueError(f"Schedule '{name}' is defined by ᾱ(t), not by betas: drop beta_start/beta_end.")
-        if name == "cosine":
-            s = float(opts["cosine_s"])
-            fn = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
-        else:
-            start, end, tau = float(opts["start"]), float(opts["end"]), float(opts["tau"])
-            v_start, v_end = _sigmoid(start / tau), _sigmoid(end / tau)
-            fn = lambda u: (v_end - _sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)  # noqa: E731
-        betas = _betas_from_alpha_bar_fn(fn, T, float(opts["max_beta"]))
-    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    if zero_terminal_snr:
-        alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
-    return Schedule(alphas_cumprod=alphas_cumprod)
-
-
-def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-    """Forward process q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, for integer t of shape (B,)."""
-    table = schedule.tables(x0.device)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    alpha = table["sqrt_alphas_cumprod"][t].to(x0.dtype).view(shape)
-    sigma = table["sqrt_one_minus_alphas_cumprod"][t].to(x0.dtype).view(shape)
-    return alpha * x0 + sigma * noise
+def sampling_grid(process: NoiseProcess, steps: int, spacing: str = "trailing", **options: Any) -> list[NoiseLevel]:
+    """`process.sampling_grid(steps, spacing, **options)` (the samplers' single entry to the grid)."""
+    return process.sampling_grid(steps, spacing, **options)
 
 
 # ---- sampling spacings -----------------------------------------------------------------------
-
-
-def timestep_spacing(num_timesteps: int, steps: int, spacing: str = "trailing", *, steps_offset: int = 0) -> Tensor:
-    """Descending sampling timesteps (float64), Lin et al. 2023 Table 2:
-    `leading`: (0, k, 2k, ..) + steps_offset with k = T // steps (DDIM / SD default; never reaches T-1);
-    `trailing`: round(T - i·T/steps) - 1 (starts at T-1); `linspace`: linspace(0, T-1, steps), fractional."""
-    if steps < 1 or steps > num_timesteps:
-        raise ValueError(f"steps must be in [1, num_timesteps={num_timesteps}], got {steps}.")
-    if spacing == "leading":
-        ts = torch.arange(steps, dtype=torch.float64) * (num_timesteps // steps) + steps_offset
-        ts = ts.flip(0)
-        if float(ts[0]) > num_timesteps - 1:
-            raise ValueError(f"steps_offset={steps_offset} pushes the first timestep past T-1={num_timesteps - 1}.")
-    elif spacing == "trailing":
-        ts = torch.round(num_timesteps - torch.arange(steps, dtype=torch.float64) * (num_timesteps / steps)) - 1
-    elif spacing == "linspace":
-        if steps == 1:
-            return torch.tensor([num_timesteps - 1.0], dtype=torch.float64)
-        ts = torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).flip(0)
-    else:
-        raise ValueError(f"Unknown timestep spacing '{spacing}'; choose one of {', '.join(TIMESTEP_SPACINGS)}.")
-    return ts
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
@@ -285,80 +200,14 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
 
 
-# ---- the grid a sampler walks ----------------------------------------------------------------
+# The VP schedules' names, re-exported lazily (ldmkit.diffusion.vp imports this module first).
+_VP_NAMES = ("SCHEDULES", "ZERO_SNR_ALPHA_BAR", "DiscreteVP", "Schedule", "make_schedule", "q_sample",
+             "rescale_zero_terminal_snr", "timestep_spacing", "sample_timesteps")
 
 
-@dataclass(frozen=True)
-class NoiseLevel:
-    """One point of a sampling grid: the model timestep t and ᾱ there (python floats, float64)."""
+def __getattr__(name: str) -> Any:
+    if name in _VP_NAMES:
+        from ldmkit.diffusion import vp
 
-    t: float  # timestep given to the model (fractional allowed); -1 for the clean end point (never evaluated)
-    alpha_bar: float
-
-    @property
-    def alpha(self) -> float:
-        return math.sqrt(self.alpha_bar)
-
-    @property
-    def sigma(self) -> float:
-        return math.sqrt(1.0 - self.alpha_bar)
-
-    @property
-    def sigma_ve(self) -> float:
-        """k-sigma σ/α: +inf at zero SNR, 0 when clean."""
-        return math.inf if self.alpha_bar == 0 else self.sigma / self.alpha
-
-    @property
-    def lam(self) -> float:
-        """Half log-SNR λ = log(α/σ): -inf at zero SNR, +inf when clean (DPM-Solver's time variable)."""
-        if self.alpha_bar == 0:
-            return -math.inf
-        if self.alpha_bar == 1:
-            return math.inf
-        return 0.5 * (math.log(self.alpha_bar) - math.log1p(-self.alpha_bar))
-
-    @property
-    def is_clean(self) -> bool:
-        return self.alpha_bar == 1.0
-
-
-def sampling_grid(
-    schedule: Schedule,
-    steps: int,
-    spacing: str = "trailing",
-    *,
-    sigma_min: float | None = None,
-    sigma_max: float | None = None,
-    rho: float = 7.0,
-    steps_offset: int = 0,
-) -> list[NoiseLevel]:
-    """The `steps + 1` noise levels a sampler visits, from the first model evaluation to clean data (ᾱ = 1).
-
-    `spacing` is a timestep spacing (`leading`, `trailing`, `linspace`; ᾱ from the schedule, interpolated at
-    fractional t) or a sigma spacing (`karras` with `rho`, `exponential`) between `sigma_min`/`sigma_max`
-    (default: `Schedule.sigma_min`/`sigma_max`, the latter ≈ 4096 for zero-terminal-SNR schedules),
-    whose timesteps come from `Schedule.timestep_at_sigma`.
-    """
-    if spacing in TIMESTEP_SPACINGS:
-        if sigma_min is not None or sigma_max is not None:
-            raise ValueError(f"sigma_min/sigma_max only apply to sigma spacings {SIGMA_SPACINGS}, not spacing='{spacing}'.")
-        ts = timestep_spacing(schedule.num_timesteps, steps, spacing, steps_offset=steps_offset)
-        alpha_bars = schedule.alpha_bar_at(ts)
-    elif spacing in SIGMA_SPACINGS:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}.")
-        lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
-        hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
-        if not 0 < lo < hi:
-            raise ValueError(f"Need 0 < sigma_min < sigma_max for spacing='{spacing}', got {lo} and {hi}.")
-        sigmas = karras_sigmas(steps, lo, hi, rho) if spacing == "karras" else exponential_sigmas(steps, lo, hi)
-        ts = schedule.timestep_at_sigma(sigmas)
-        alpha_bars = 1 / (1 + sigmas.square())
-    else:
-        raise ValueError(f"Unknown spacing '{spacing}'; choose one of {', '.join(SPACINGS)}.")
-    if steps > 1 and not bool((alpha_bars[1:] > alpha_bars[:-1]).all()):
-        raise ValueError(
-            f"spacing='{spacing}' with steps={steps} gives repeated noise levels (timesteps {ts.tolist()}); use fewer steps."
-        )
-    levels = [NoiseLevel(float(t), float(ab)) for t, ab in zip(ts, alpha_bars)]
-    return levels + [NoiseLevel(-1.0, 1.0)]
+        return getattr(vp, name)
+    raise AttributeError(f"module 'ldmkit.diffusion.processes' has no attribute '{name}'")

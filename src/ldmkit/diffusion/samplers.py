@@ -1,4 +1,9 @@
-"""Samplers: small functions `(denoiser, x_T, schedule, steps, *, generator, callback, **options) -> x_0`.
+"""Samplers: small functions `(denoiser, x_T, process, steps, *, generator, callback, **options) -> x_0`.
+
+`process` (the argument is still called `schedule`) is any `ldmkit.diffusion.processes.NoiseProcess`: every
+sampler is written in α, σ, λ and σ̃ = σ/α of the grid's `NoiseLevel`s, so it runs on any x = α x_0 + σ ε path,
+except `ddpm` and `ddim`, whose updates are written in ᾱ for variance-preserving processes and say so
+(`euler` is DDIM η=0 and `euler_a` DDPM-like ancestral sampling on any process).
 
 Inside the library a *denoiser* is `denoiser(x, level) -> x̂_0`: x is in the variance-preserving scale
 (x = α x_0 + σ ε) at the `NoiseLevel` `level` of the grid, and the result is the x_0 prediction
@@ -41,7 +46,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ldmkit.diffusion.schedules import NoiseLevel, Schedule, sampling_grid
+from ldmkit.diffusion.processes import NoiseLevel, NoiseProcess, sampling_grid
+
+Schedule = NoiseProcess  # annotation name kept from the VP-only days
 
 Denoiser = Callable[[Tensor, NoiseLevel], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor], None]
@@ -84,6 +91,7 @@ def _ddim_step(x0: Tensor, eps: Tensor, nxt: NoiseLevel) -> Tensor:
 def sample_ddim(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *, eta: float = 0.0,
                 generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
     """DDIM, Song et al. 2021 eq. 12 with σ_t(η) from eq. 16. η=0: deterministic; η=1: DDPM ancestral sampling."""
+    schedule.require_variance_preserving("The ddim sampler", "Use euler (DDIM with η=0 on any path) or euler_a.")
     grid = sampling_grid(schedule, steps, **grid_options)
     for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
         x0 = denoiser(x, cur)
@@ -101,6 +109,7 @@ def sample_ddpm(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *
                 generator: Generator = None, callback: Callback | None = None, **grid_options) -> Tensor:
     """DDPM ancestral sampling, Ho et al. 2020 eqs. 6-7: x' ~ q(x' | x, x̂_0) = N(μ̃, β̃ I), with
     β = 1 - ᾱ/ᾱ' the variance of the (possibly strided) step and β̃ = (1-ᾱ')/(1-ᾱ) β."""
+    schedule.require_variance_preserving("The ddpm sampler", "Use euler_a (ancestral sampling on any path).")
     grid = sampling_grid(schedule, steps, **grid_options)
     for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
         x0 = denoiser(x, cur)

@@ -1,4 +1,4 @@
-"""The public sampling entry: a raw eps/v/x0 network in, clean samples out."""
+"""The public sampling entry: a raw eps/v/x0/flow network and a noise process in, clean samples out."""
 
 from __future__ import annotations
 
@@ -10,20 +10,23 @@ from torch import Tensor
 from ldmkit.diffusion.guidance import ClassifierFreeGuidance
 from ldmkit.diffusion.parameterization import check_prediction, to_x0
 from ldmkit.diffusion.samplers import SAMPLERS, Callback, Denoiser, Generator
-from ldmkit.diffusion.schedules import NoiseLevel, Schedule, sampling_grid
+from ldmkit.diffusion.processes import NoiseLevel, NoiseProcess, sampling_grid
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
 
-def make_denoiser(model: Model, prediction: str = "eps") -> Denoiser:
-    """The samplers' denoiser `(x, level) -> x̂_0` from `model(x_t, t) -> raw output` (t: float (B,))."""
+def make_denoiser(model: Model, prediction: str = "eps", process: NoiseProcess | None = None) -> Denoiser:
+    """The samplers' denoiser `(x, level) -> x̂_0` from `model(x_t, t) -> raw output`, where t (float (B,)) is
+    `process.model_time(level.t)` (level.t itself without a process)."""
     check_prediction(prediction)
 
     def denoiser(x: Tensor, level: NoiseLevel) -> Tensor:
         t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         t = torch.full((x.shape[0],), level.t, device=x.device, dtype=t_dtype)
+        if process is not None:
+            t = process.model_time(t)
         # the sampler state keeps the noise's dtype, whatever precision the network answers in
-        return to_x0(model(x, t).to(x.dtype), x, level.alpha_bar, prediction)
+        return to_x0(model(x, t).to(x.dtype), x, level, prediction)
 
     return denoiser
 
@@ -31,7 +34,7 @@ def make_denoiser(model: Model, prediction: str = "eps") -> Denoiser:
 def sample(
     model: Model,
     noise: Tensor,
-    schedule: Schedule,
+    schedule: NoiseProcess,
     sampler: str = "dpmpp_2m",
     steps: int = 20,
     *,
@@ -43,12 +46,13 @@ def sample(
 ) -> Tensor:
     """Draw samples x_0 from `model`, starting at unit-variance `noise` (B, ...).
 
-    model:      `model(x_t, t) -> raw output` in `prediction` parameterisation (`eps`, `v`, `x0`);
-                x_t is in the DDPM (variance-preserving) scale, t a float tensor (B,) of discrete timesteps,
-                fractional between grid points of sigma spacings. Bind conditioning in a closure or with
-                `classifier_free_guidance` (its guidance rescale gets `schedule`/`prediction` from here).
-    noise:      N(0, I); it is x_T in the VP scale for every sampler, so the same noise gives paired
-                comparisons across samplers.
+    model:      `model(x_t, t) -> raw output` in `prediction` parameterisation (`eps`, `v`, `x0`, `flow`);
+                x_t = α x_0 + σ ε on the process's path, t = `schedule.model_time(level.t)` a float tensor (B,)
+                (for discrete VP schedules the timesteps, fractional between grid points of sigma spacings).
+                Bind conditioning in a closure or with `classifier_free_guidance` (its guidance rescale gets
+                the process and `prediction` from here).
+    schedule:   the noise process (any `NoiseProcess`; the discrete VP schedules are `make_schedule(...)`).
+    noise:      N(0, I); it is x_T for every sampler, so the same noise gives paired comparisons across samplers.
     sampler:    a key of `SAMPLERS`: ddpm, ddim, plms, dpmpp_2m, dpmpp_2m_sde, unipc, euler, euler_a, heun, lms.
     spacing:    the grid: `trailing` (default for every sampler: starts at t = T-1, required for
                 zero-terminal-SNR schedules, Lin et al. 2023), `leading`, `linspace`, `karras`, `exponential`.
@@ -62,9 +66,9 @@ def sample(
         raise ValueError(f"Unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     check_prediction(prediction)
     options = {k: v for k, v in options.items() if v is not None}
-    grid_keys = ("sigma_min", "sigma_max", "rho", "steps_offset")
+    grid_keys = schedule.grid_options
     first = sampling_grid(schedule, steps, spacing, **{k: v for k, v in options.items() if k in grid_keys})[0]
-    if prediction == "eps" and first.alpha_bar == 0:
+    if prediction == "eps" and first.alpha == 0:
         raise ValueError(
             "This schedule has zero terminal SNR and the grid starts at it, where an eps-prediction says nothing "
             "about x_0 (x_0 = (x - ε)/0). Train with prediction='v' or 'x0' (Lin et al. 2023), or sample with "
@@ -72,6 +76,6 @@ def sample(
         )
     if isinstance(model, ClassifierFreeGuidance):
         model = model.bind(schedule, prediction)
-    denoiser = make_denoiser(model, prediction)
+    denoiser = make_denoiser(model, prediction, schedule)
     return SAMPLERS[sampler](denoiser, noise, schedule, steps, generator=generator, callback=callback,
                              spacing=spacing, **options)
