@@ -40,16 +40,16 @@ def write_clip(folder: Path, seed: int = 0) -> Path:
 def ldm_module(autoencoder: Path, text_encoder: Path, prediction: str = "eps", **kwargs):
     from functools import partial
 
-    from ldmkit.diffusion.losses import DenoisingLoss
-    from ldmkit.diffusion.schedules import make_schedule
+    from ldmkit.diffusion.objectives import DenoisingObjective
+    from ldmkit.diffusion.vp import make_schedule
     from ldmkit.lit.ldm import LatentDiffusionModule
-    from ldmkit.nn.unet import UNet
+    from ldmkit.nn.backbones import backbone_factory
 
     kwargs.setdefault("val_prompts", ["a red circle", "a blue square"])
     kwargs.setdefault("sampler", {"name": "ddim", "steps": 3, "guidance_scale": 2.0})
     return LatentDiffusionModule(
-        unet=partial(UNet, **TINY_UNET), autoencoder=str(autoencoder), text_encoder=str(text_encoder),
-        schedule=make_schedule("scaled_linear", 1000), loss=DenoisingLoss(prediction=prediction),
+        backbone=partial(backbone_factory, "unet", **TINY_UNET), autoencoder=str(autoencoder), text_encoder=str(text_encoder),
+        loss=DenoisingObjective(make_schedule("scaled_linear", 1000), prediction=prediction),
         optimizer=partial(torch.optim.AdamW, lr=1e-3), **kwargs,
     )
 
@@ -62,3 +62,37 @@ def write_ldm(folder: Path, autoencoder: Path, text_encoder: Path, seed: int = 0
         for p in module.ema.shadow.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return module.export_artifact(folder)
+
+
+def write_ldm_v1(folder: Path, module) -> Path:
+    """`module`'s EMA weights as an artifact in schema version 1, byte for byte what `export_artifact` wrote
+    before the backbone/noise-process contract (ldmkit 771a216: `unet.*` and `schedule.alphas_cumprod`
+    tensors, `unet` / `prediction` / `num_timesteps` in config.json)."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    unet = module.ema.shadow
+    tensors = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    tensors["schedule.alphas_cumprod"] = module.process.alphas_cumprod.detach().to(torch.float64).contiguous()
+    config = {
+        "unet": dataclasses.asdict(unet.config),
+        "prediction": module.objective.prediction,
+        "num_timesteps": module.process.num_timesteps,
+        "autoencoder": str(Path(module.hparams.autoencoder).resolve()),
+        "text_encoder": str(Path(module.hparams.text_encoder).resolve()),
+        "text_encoder_options": {"clip_skip": module.hparams.clip_skip, "model_name": module.hparams.text_encoder_arch},
+        "latent": {"channels": module.latent_channels, "downsampling_factor": module.downsampling_factor,
+                   "scale_factor": module.scale_factor, "shift_factor": module.shift_factor},
+        "resolution": module._resolution(),
+        "sampler": module.sampler,
+        "global_step": 0,
+        "weights": "ema",
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "weights.safetensors"), metadata={"kind": "ldm"})
+    meta = {"kind": "ldm", "format_version": 1, **config}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return folder

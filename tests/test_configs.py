@@ -18,7 +18,7 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options():
-    for group in ["data", "model", "schedule", "sampler", "callbacks", "logger", "trainer", "paths", "hydra", "debug"]:
+    for group in ["data", "model", "process", "backbone", "sampler", "callbacks", "logger", "trainer", "paths", "hydra", "debug"]:
         assert options(group), f"conf/{group}/ is empty"
 
 
@@ -61,14 +61,38 @@ def test_debug_options_compose(compose_cfg, name):
     assert cfg.data.num_workers == 0
 
 
-@pytest.mark.parametrize("name", options("schedule"))
-def test_schedule_options_instantiate(compose_cfg, name):
-    from ldmkit.diffusion.schedules import Schedule
+@pytest.mark.parametrize("name", options("process"))
+def test_process_options_instantiate(compose_cfg, name):
+    from ldmkit.diffusion.processes import NoiseProcess
 
-    cfg = compose_cfg([f"schedule={name}", "schedule.zero_terminal_snr=true"])
-    schedule = instantiate(cfg.schedule)
-    assert isinstance(schedule, Schedule)
-    assert float(schedule.alphas_cumprod[-1]) < 1e-6  # rescaled to (numerically) zero terminal SNR
+    cfg = compose_cfg([f"process={name}", "process.zero_terminal_snr=true"])
+    process = instantiate(cfg.process)
+    assert isinstance(process, NoiseProcess)
+    assert float(process.alphas_cumprod[-1]) < 1e-6  # rescaled to (numerically) zero terminal SNR
+
+
+@pytest.mark.parametrize("name", options("schedule"))
+def test_former_schedule_group_selects_the_process(compose_cfg, name):
+    """`schedule=NAME` (the group's former name) still selects conf/process/NAME.yaml; train.py rewrites
+    `schedule.KEY=...` to `process.KEY=...`."""
+    import importlib.util
+
+    cfg = compose_cfg([f"schedule={name}"])
+    assert cfg.process.name == name and "schedule" not in cfg
+    spec = importlib.util.spec_from_file_location("train_entry", CONF_DIR.parent / "train.py")
+    train_entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_entry)
+    assert train_entry.renamed_overrides(["schedule.zero_terminal_snr=true", "+schedule.cosine_s=0.01", "model=ldm"]) == [
+        "process.zero_terminal_snr=true", "+process.cosine_s=0.01", "model=ldm"]
+
+
+@pytest.mark.parametrize("name", options("backbone"))
+def test_backbone_options_build_with_the_artifacts_facts(compose_cfg, name):
+    cfg = compose_cfg([f"backbone={name}"])
+    factory = instantiate(cfg.backbone)
+    with torch.device("meta"):
+        backbone = factory(facts={"context_dim": 32, "pooled_dim": 32, "in_channels": 4, "out_channels": 4})
+    assert backbone.arch == cfg.backbone.arch and backbone.context_dim == 32 and backbone.in_channels == 4
 
 
 @pytest.mark.parametrize("name", options("sampler"))
@@ -99,11 +123,11 @@ def test_ldm_model_options_instantiate(compose_cfg, tiny_artifacts, name):
     if name == "ldm":
         module = instantiate(cfg.model)
         assert isinstance(module, LatentDiffusionModule)
-        assert module.unet.config.context_dim == module.text_encoder.context_dim
+        assert module.backbone.config.context_dim == module.text_encoder.context_dim
         return
-    factory = instantiate(cfg.model.unet)
+    factory = instantiate(cfg.model.backbone)
     with torch.device("meta"):
-        unet = factory(context_dim=32, pooled_dim=32, in_channels=4, out_channels=4)
+        unet = factory(facts={"context_dim": 32, "pooled_dim": 32, "in_channels": 4, "out_channels": 4})
     assert sum(p.numel() for p in unet.parameters()) > 10_000_000
 
 

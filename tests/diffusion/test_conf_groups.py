@@ -1,4 +1,4 @@
-"""conf/schedule and conf/sampler: every file builds what the diffusion core expects."""
+"""conf/process and conf/sampler: every file builds what the diffusion core expects."""
 
 from pathlib import Path
 
@@ -12,11 +12,11 @@ omegaconf = pytest.importorskip("omegaconf")
 hydra_utils = pytest.importorskip("hydra.utils")
 
 
-@pytest.mark.parametrize("path", sorted((CONF / "schedule").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((CONF / "process").glob("*.yaml")), ids=lambda p: p.stem)
 @pytest.mark.parametrize("zero_terminal_snr", [False, True])
 def test_schedule_configs_instantiate(path, zero_terminal_snr):
     cfg = omegaconf.OmegaConf.load(path)
-    cfg.zero_terminal_snr = zero_terminal_snr  # what `schedule.zero_terminal_snr=true` does on the command line
+    cfg.zero_terminal_snr = zero_terminal_snr  # what `process.zero_terminal_snr=true` does on the command line
     schedule = hydra_utils.instantiate(cfg)
     assert isinstance(schedule, Schedule) and schedule.num_timesteps == 1000
     assert schedule.has_zero_terminal_snr == zero_terminal_snr
@@ -34,7 +34,7 @@ def test_sampler_configs_cover_the_registry_with_uniform_keys():
 def test_sampler_configs_drive_sample(name):
     cfg = omegaconf.OmegaConf.to_container(omegaconf.OmegaConf.load(CONF / "sampler" / f"{name}.yaml"))
     assert cfg["name"] == name and "_target_" not in cfg
-    schedule = hydra_utils.instantiate(omegaconf.OmegaConf.load(CONF / "schedule" / "scaled_linear.yaml"),
+    schedule = hydra_utils.instantiate(omegaconf.OmegaConf.load(CONF / "process" / "scaled_linear.yaml"),
                                        zero_terminal_snr=True)
     net = lambda x, t, c: -x * c  # noqa: E731  (a v-network; any smooth map will do)
     model = classifier_free_guidance(net, torch.ones(2, 1, 1, 1), torch.zeros(1, 1, 1, 1), cfg["guidance_scale"],

@@ -8,13 +8,13 @@ import torch
 
 from ldmkit.artifacts import ArtifactError
 from ldmkit.pipeline import instantiate_node, train
-from ldmkit.txt2img import load_text_to_image
+from ldmkit.generator import load_text_to_image
 from tests.artifacts import write_autoencoder, write_clip
 
 TINY = [
-    "model=ldm", "model.unet.name=tiny", "+model.unet.model_channels=32", "+model.unet.channel_mult=[1,2]",
-    "+model.unet.num_res_blocks=1", "+model.unet.attention_levels=[1]", "+model.unet.num_heads=null",
-    "+model.unet.head_dim=16", "+model.unet.norm_groups=8", "data.batch_size=4", "data.num_workers=0",
+    "model=ldm", "backbone=unet", "backbone.preset=tiny", "+backbone.model_channels=32", "+backbone.channel_mult=[1,2]",
+    "+backbone.num_res_blocks=1", "+backbone.attention_levels=[1]", "+backbone.num_heads=null",
+    "+backbone.head_dim=16", "+backbone.norm_groups=8", "data.batch_size=4", "data.num_workers=0",
     "model.val_prompts=[a red circle,a blue square]", "sampler=ddim", "sampler.steps=2",
     "logger=csv", "callbacks=none", "trainer.accelerator=cpu", "trainer.limit_val_batches=1",
 ]
@@ -91,7 +91,7 @@ def test_wrong_kind_of_artifact_is_rejected(compose_cfg, tiny_artifacts):
 
 
 def test_mismatched_context_width_fails_before_training(compose_cfg, tiny_artifacts):
-    cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), "+model.unet.context_dim=768"])
+    cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), "+backbone.context_dim=768"])
     with pytest.raises(ArtifactError, match="context_dim=768 but the text encoder .* gives 32"):
         instantiate_node(cfg.model)
 
@@ -110,7 +110,7 @@ def test_frozen_bf16_runs_the_encoders_in_bf16_and_hands_the_unet_float32(tiny_a
         context, pooled = module.conditioning(batch, drop_prob=0.0)
         outputs[name] = (z, context, pooled)
         assert all(t.dtype == torch.float32 for t in outputs[name])
-        loss, _ = module.loss_fn(module.net, z, module.schedule, cond=(context, pooled))  # the fp32 UNet accepts them
+        loss = module.objective(module.net, z, (context, pooled))  # the fp32 backbone accepts them
         assert torch.isfinite(loss).all()
     for reference, approx in zip(outputs["fp32"], outputs["bf16"]):
         assert not torch.equal(reference, approx)  # bf16 really ran

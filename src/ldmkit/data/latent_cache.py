@@ -33,7 +33,6 @@ autoencoder / text encoder / clip_skip before training. Captions are frozen at c
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -57,6 +56,9 @@ from ldmkit.data.collate import collate_samples
 from ldmkit.data.export_shards import add_member
 from ldmkit.data.images import SkipSample
 from ldmkit.data.webdataset import WebDatasetSamples
+from ldmkit.artifacts import PRODUCERS
+from ldmkit.nn.frozen import FrozenEncoders as SharedFrozenEncoders
+from ldmkit.nn.frozen import encoder_hash, load_frozen_encoders
 
 COMMAND = "python -m ldmkit.data.latent_cache"
 CACHE_FILE = "cache.json"
@@ -77,20 +79,6 @@ class LatentCacheError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Encoder identity: which frozen encoders a cache was made with
 # ---------------------------------------------------------------------------------------------
-
-
-def encoder_hash(path: str | os.PathLike) -> str:
-    """Short SHA-256 of an artifact folder's weights (`artifacts.weights_hash`) or of a checkpoint file."""
-    from ldmkit.artifacts import weights_hash
-
-    path = Path(path)
-    if path.is_dir():
-        return weights_hash(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
 
 
 def rebuild_command(metadata: dict[str, Any], out: str | os.PathLike, **encoders: Any) -> str:
@@ -137,15 +125,12 @@ def check_cache_encoders(
 # ---------------------------------------------------------------------------------------------
 
 
-class FrozenEncoders:
-    """The LDM's frozen autoencoder + text encoder, loaded as `LatentDiffusionModule` loads them."""
+class FrozenEncoders(SharedFrozenEncoders):
+    """The LDM's frozen autoencoder + text encoder (`ldmkit.nn.frozen`, loaded exactly as the LDM loads them);
+    called on a batch it gives what the cache stores."""
 
     def __init__(self, autoencoder: str, text_encoder: str, clip_skip: int = 1, text_encoder_arch: str | None = None,
                  device: str | torch.device = "cpu") -> None:
-        from ldmkit.artifacts import PRODUCERS, read_artifact_config
-        from ldmkit.nn.autoencoder import load_autoencoder
-        from ldmkit.nn.clip import load_text_encoder
-
         if not autoencoder or not text_encoder:
             missing = "model.autoencoder" if not autoencoder else "model.text_encoder"
             producer = PRODUCERS["autoencoder" if not autoencoder else "clip"]
@@ -153,34 +138,15 @@ class FrozenEncoders:
                 f"the latent cache needs the LDM's frozen encoders: set {missing}=PATH to the `artifact/` folder written by "
                 f"`{producer}` (the same value you give train.py model=ldm)."
             )
-        read_artifact_config(autoencoder, "autoencoder")  # cheap, actionable errors before loading anything
-        if Path(text_encoder).is_dir():
-            read_artifact_config(text_encoder, "clip")
-        elif not Path(text_encoder).is_file():
-            raise LatentCacheError(f"model.text_encoder='{text_encoder}' does not exist: point it at the artifact folder written by "
-                                   f"`{PRODUCERS['clip']}` or at a local open_clip checkpoint (with model.text_encoder_arch=NAME).")
+        loaded = load_frozen_encoders(autoencoder, text_encoder, clip_skip=clip_skip, text_encoder_arch=text_encoder_arch,
+                                      device=device, error=LatentCacheError)
+        super().__init__(loaded.autoencoder, loaded.text_encoder, loaded.scale_factor, loaded.shift_factor, loaded.identity)
         self.device = torch.device(device)
-        self.autoencoder, self.scale_factor, self.shift_factor, self.autoencoder_config = load_autoencoder(autoencoder, self.device)
-        self.text_encoder = load_text_encoder(text_encoder, clip_skip=clip_skip, model_name=text_encoder_arch, device=self.device)
-        self.identity = {
-            "autoencoder": {
-                "path": str(Path(autoencoder).resolve()), "weights_hash": encoder_hash(autoencoder),
-                "latent_channels": int(self.autoencoder.config.latent_channels),
-                "downsampling_factor": int(self.autoencoder.config.downsampling_factor),
-                "scale_factor": self.scale_factor, "shift_factor": self.shift_factor,
-            },
-            "text_encoder": {
-                "path": str(Path(text_encoder).resolve()), "weights_hash": encoder_hash(text_encoder),
-                "clip_skip": int(clip_skip), "model_name": text_encoder_arch,
-                "context_length": self.text_encoder.context_length, "context_dim": self.text_encoder.context_dim,
-                "pooled_dim": self.text_encoder.pooled_dim,
-            },
-        }
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        posterior = self.autoencoder.encode(images.to(self.device))
-        context, pooled = self.text_encoder(list(captions))
+        posterior = self.encode_posterior(images.to(self.device))
+        context, pooled = self.encode_text(captions)
         return {
             "latent": torch.stack([posterior.mean, posterior.std], dim=1),  # (B, 2, C, h, w)
             "context": context,  # (B, L, D)

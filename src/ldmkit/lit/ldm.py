@@ -1,13 +1,15 @@
 """Stage 3: the text-conditioned latent diffusion model (`model=ldm`).
 
-A thin LightningModule: the UNet, schedule and loss come built from config; the frozen
-autoencoder and CLIP text encoder come from the artifact folders of stages 1 and 2.
+A thin LightningModule: the backbone (conf/backbone, a `_partial_` that needs only the facts the artifacts
+give), the training objective with its noise process (conf/process) and the optimizer come built from
+config; the frozen autoencoder and CLIP text encoder (`ldmkit.nn.frozen.FrozenEncoders`) come from the
+artifact folders of stages 1 and 2. Validation samples through `ldmkit.generator.TextToImage`, the
+generator `eval.py` uses, with the whole sampler config.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,33 +19,46 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import MeanMetric
 
-from ldmkit.artifacts import PRODUCERS, ArtifactError, read_artifact_config, save_artifact
-from ldmkit.diffusion.losses import DenoisingLoss
-from ldmkit.diffusion.parameterization import target as prediction_target
-from ldmkit.diffusion.parameterization import to_x0
-from ldmkit.diffusion.schedules import Schedule, q_sample
+from ldmkit.artifacts import ArtifactError, ldm_artifact, save_artifact
+from ldmkit.diffusion.objectives import DenoisingObjective
+from ldmkit.generator import BackboneDenoiser, TextToImage
 from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
 from ldmkit.lit.optim import WarmupCosine, warmup_cosine_schedule
-from ldmkit.txt2img import TextToImage, ldm_artifact_config
+from ldmkit.nn.backbones import BackboneFactMismatch, backbone_spec, check_latent_size
+from ldmkit.nn.frozen import FrozenEncoders, load_frozen_encoders
 
 FROZEN_PREFIXES = ("autoencoder.", "text_encoder.")
+ENCODERS_KEY = "ldmkit_frozen_encoders"  # checkpoint entry: weights hashes of the frozen encoders
 
 
-def _check_conditioning(unet_kwargs: dict[str, Any], key: str, needed: int, source: str, fix: str) -> None:
-    given = unet_kwargs.get(key)
-    if given is not None and given != needed:
-        raise ArtifactError(f"model.unet.{key}={given} but {source} gives {needed}. {fix}")
+def build_backbone_for(backbone: nn.Module | Callable[..., nn.Module], frozen: FrozenEncoders, use_pooled: bool,
+                       autoencoder: str, text_encoder: str) -> nn.Module:
+    """The backbone from its `_partial_` factory and the artifacts' facts (or a built one, checked against them)."""
+    facts = {"in_channels": frozen.latent_channels, "out_channels": frozen.latent_channels,
+             "context_dim": frozen.context_dim, "pooled_dim": frozen.pooled_dim if use_pooled else None}
+    sources = {"context_dim": f"the text encoder '{text_encoder}'", "pooled_dim": f"the text encoder '{text_encoder}'",
+               "in_channels": f"the autoencoder '{autoencoder}'", "out_channels": f"the autoencoder '{autoencoder}'"}
+    fix = "Remove the override (it is filled in from the artifacts) or train matching stages."
+    if isinstance(backbone, nn.Module):
+        for key, needed in facts.items():
+            if getattr(backbone, key) != needed:
+                raise ArtifactError(f"the backbone has {key}={getattr(backbone, key)} but {sources[key]} gives {needed}. "
+                                    "Build it with the artifacts' widths, or train matching stages.")
+        return backbone
+    try:
+        return backbone(facts=facts)
+    except BackboneFactMismatch as err:
+        raise ArtifactError(f"backbone {err.key}={err.given} but {sources[err.key]} gives {err.needed}. {fix}") from err
 
 
 class LatentDiffusionModule(LightningModule):
     def __init__(
         self,
-        unet: Callable[..., nn.Module],
+        backbone: nn.Module | Callable[..., nn.Module],
         autoencoder: str | None,
         text_encoder: str | None,
-        schedule: Schedule,
-        loss: DenoisingLoss,
+        loss: DenoisingObjective,
         optimizer: Callable[..., torch.optim.Optimizer],
         *,
         clip_skip: int = 1,
@@ -66,61 +81,47 @@ class LatentDiffusionModule(LightningModule):
     ) -> None:
         super().__init__()
         # plain values only: checkpoints must load with weights_only=True
-        self.save_hyperparameters(ignore=["unet", "schedule", "loss", "optimizer"])
-        from ldmkit.nn.autoencoder import load_autoencoder
-        from ldmkit.nn.clip import load_text_encoder
+        self.save_hyperparameters(ignore=["backbone", "loss", "optimizer"])
+        # fails fast and cheaply on a missing or wrong artifact before loading anything
+        self.frozen = load_frozen_encoders(autoencoder, text_encoder, clip_skip=clip_skip, text_encoder_arch=text_encoder_arch)
+        self.autoencoder, self.text_encoder = self.frozen.autoencoder, self.frozen.text_encoder
+        self.scale_factor, self.shift_factor = self.frozen.scale_factor, self.frozen.shift_factor
+        self.latent_channels = self.frozen.latent_channels
+        self.downsampling_factor = self.frozen.downsampling_factor
+        self.latent = self.frozen.latent_spec(self._resolution())
 
-        # Fail fast and cheaply on a missing or wrong artifact before loading anything.
-        if not autoencoder:
-            raise ArtifactError(
-                "model=ldm needs a trained autoencoder: set model.autoencoder=PATH to the `artifact/` folder written by "
-                f"`{PRODUCERS['autoencoder']}`."
-            )
-        if not text_encoder:
-            raise ArtifactError(
-                "model=ldm needs a text encoder: set model.text_encoder=PATH to the `artifact/` folder written by "
-                f"`{PRODUCERS['clip']}`, or to a local open_clip checkpoint file (with model.text_encoder_arch=NAME)."
-            )
-        read_artifact_config(autoencoder, "autoencoder")
-        if Path(text_encoder).is_dir():
-            read_artifact_config(text_encoder, "clip")
-        elif not Path(text_encoder).is_file():
-            raise ArtifactError(
-                f"model.text_encoder='{text_encoder}' does not exist. Point it at the artifact folder written by "
-                f"`{PRODUCERS['clip']}` (its run folder's `artifact/`) or at a local open_clip checkpoint file "
-                "(then also set model.text_encoder_arch, e.g. ViT-B-32)."
-            )
-        self.autoencoder, self.scale_factor, self.shift_factor, _ = load_autoencoder(autoencoder)
-        self.text_encoder = load_text_encoder(text_encoder, clip_skip=clip_skip, model_name=text_encoder_arch)
-        self.autoencoder.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(False).eval()
-        self.latent_channels = int(self.autoencoder.config.latent_channels)
-        self.downsampling_factor = int(self.autoencoder.config.downsampling_factor)
-
-        unet_kwargs = dict(getattr(unet, "keywords", {}))
-        fix = "Remove the override (it is filled in from the artifacts) or train matching stages."
-        _check_conditioning(unet_kwargs, "context_dim", self.text_encoder.context_dim, f"the text encoder '{text_encoder}'", fix)
-        _check_conditioning(unet_kwargs, "in_channels", self.latent_channels, f"the autoencoder '{autoencoder}'", fix)
-        built = {"context_dim": self.text_encoder.context_dim, "in_channels": self.latent_channels, "out_channels": self.latent_channels}
-        if use_pooled:
-            built["pooled_dim"] = self.text_encoder.pooled_dim
-        self.unet = unet(**{**built, **unet_kwargs})
+        self.backbone = build_backbone_for(backbone, self.frozen, use_pooled, autoencoder, text_encoder)
+        check_latent_size(self.backbone, self.latent.height, self.latent.width)
         if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.unet, decay=ema_decay, half_life_images=None if ema_decay is not None else ema_half_life_images, warmup_steps=ema_warmup_steps)
-        self.schedule = schedule
-        self.loss_fn = loss
+            self.backbone.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.backbone, decay=ema_decay, half_life_images=None if ema_decay is not None else ema_half_life_images, warmup_steps=ema_warmup_steps)
+        self.objective = loss
+        self.process = loss.process
         self.optimizer_factory = optimizer
         self.sampler = dict(sampler or {"name": "dpmpp_2m", "steps": 20, "guidance_scale": 4.0})
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(val_timestep_buckets))
         self.val_bucket_x0_mse = nn.ModuleList(MeanMetric() for _ in range(val_timestep_buckets))
-        self._forward_net = torch.compile(self.unet) if compile else self.unet
+        self._forward_net = torch.compile(self.backbone) if compile else self.backbone
+        self._denoiser = BackboneDenoiser(self._forward_net, self.backbone.pooled_dim is not None)
         self._uncond: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch_size = 0
 
+    # names from before the backbone / noise-process contract
+    @property
+    def unet(self) -> nn.Module:
+        return self.backbone
+
+    @property
+    def schedule(self):
+        return self.process
+
+    @property
+    def loss_fn(self) -> DenoisingObjective:
+        return self.objective
+
     # ---- conditioning -------------------------------------------------------------------
     def frozen_context(self) -> contextlib.AbstractContextManager:
-        """No grad, and bf16 autocast with `frozen_bf16` (the UNet keeps `trainer.precision`)."""
+        """No grad, and bf16 autocast with `frozen_bf16` (the backbone keeps `trainer.precision`)."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
         if self.hparams.frozen_bf16:
@@ -158,11 +159,12 @@ class LatentDiffusionModule(LightningModule):
         else:
             with self.frozen_context():
                 z = self.autoencoder.encode(batch["image"]).sample().float()
-        z = (z - self.shift_factor) * self.scale_factor
+        z = self.frozen.normalize(z)
         return z.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else z
 
     def net(self, x_t: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self._forward_net(x_t, t, context=cond[0], pooled=cond[1] if self.hparams.use_pooled else None)
+        """The denoiser `model(x_t, t, cond)` the objective trains (the one `TextToImage` samples with)."""
+        return self._denoiser(x_t, t, cond)
 
     # ---- training -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -175,8 +177,7 @@ class LatentDiffusionModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.latents(batch)
         cond = self.conditioning(batch, self.hparams.cond_drop_prob)
-        per_sample, _ = self.loss_fn(self.net, x0, self.schedule, cond=cond)
-        loss = per_sample.mean()
+        loss = self.objective(self.net, x0, cond).mean()
         self._batch_size = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
@@ -186,10 +187,10 @@ class LatentDiffusionModule(LightningModule):
         # EMA right after the weights change, before any callback (e.g. ModelCheckpoint in
         # on_train_batch_end) can save a checkpoint whose EMA would lag the weights by one step
         images_per_step = self._batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        self.ema.update(self.unet, images_per_step=images_per_step, step=self.global_step)
+        self.ema.update(self.backbone, images_per_step=images_per_step, step=self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=self.unet.parameters())
+        optimizer = self.optimizer_factory(params=self.backbone.parameters())
         warmup = self.hparams.lr_warmup_steps
         if self.hparams.lr_decay:
             schedule = warmup_cosine_schedule(optimizer, int(self.trainer.estimated_stepping_batches), warmup)
@@ -199,23 +200,14 @@ class LatentDiffusionModule(LightningModule):
 
     # ---- validation ---------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Loss per timestep bucket on held-out data, with fixed noise so runs are comparable.
-        Also the x0-space MSE, which is comparable across eps/v/x0 parameterisations (for sweeps)."""
+        """Loss per time bucket on held-out data, with fixed noise so runs are comparable. Also the x0-space
+        MSE, which is comparable across parameterisations and noise processes (for sweeps)."""
         generator = torch.Generator(self.device).manual_seed(1000 + batch_idx)
         x0 = self.latents(batch)
         cond = self.conditioning(batch, 0.0)
-        n, buckets = x0.shape[0], len(self.val_bucket_loss)
-        T = self.schedule.num_timesteps
-        t = torch.randint(0, T, (n,), generator=generator, device=self.device)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
-        x_t = q_sample(self.schedule, x0, t, noise)
-        with torch.no_grad():
-            out = self.net(x_t, t, cond)
-        alpha_bar = self.schedule.alphas_cumprod.to(self.device, torch.float32)[t].view(-1, 1, 1, 1)
-        target = prediction_target(self.loss_fn.prediction, x0, noise, alpha_bar)
-        loss = (out.float() - target.float()).pow(2).flatten(1).mean(1)
-        x0_mse = (to_x0(out.float(), x_t.float(), alpha_bar, self.loss_fn.prediction) - x0.float()).pow(2).flatten(1).mean(1)
-        bucket = (t * buckets) // T
+        t, loss, x0_mse = self.objective.validation_losses(self.net, x0, cond, generator)
+        buckets = len(self.val_bucket_loss)
+        bucket = self.process.time_bucket(t, buckets)
         for i in range(buckets):
             weight = (bucket == i).float()
             self.val_bucket_loss[i].update(loss, weight)
@@ -236,48 +228,48 @@ class LatentDiffusionModule(LightningModule):
 
     def text_to_image(self, use_ema: bool = True) -> TextToImage:
         return TextToImage(
-            unet=self.ema.shadow if use_ema else self.unet, autoencoder=self.autoencoder, text_encoder=self.text_encoder,
-            schedule=self.schedule, prediction=self.loss_fn.prediction, scale_factor=self.scale_factor,
-            shift_factor=self.shift_factor, latent_channels=self.latent_channels, downsampling_factor=self.downsampling_factor,
-            resolution=self._resolution(),
+            backbone=self.ema.shadow if use_ema else self.backbone, frozen=self.frozen, process=self.process,
+            prediction=self.objective.prediction, resolution=self._resolution(),
         )
 
     def sample_validation_grid(self) -> torch.Tensor:
+        """The validation prompts drawn with the whole sampler config (spacing, eta, grid options included),
+        exactly as `eval.py` draws them with the same config."""
         prompts = list(self.hparams.val_prompts)
         seeds = [self.hparams.val_seed + i for i in range(len(prompts))]
-        s = self.sampler
-        return self.text_to_image().generate(
-            prompts, seeds, sampler=s["name"], steps=int(s["steps"]), guidance_scale=float(s["guidance_scale"]),
-            guidance_rescale=float(s.get("guidance_rescale", 0.0)),
-        )
+        return self.text_to_image().generate_with(prompts, seeds, self.sampler)
 
     def _resolution(self) -> int:
         if self.hparams.resolution:
             return int(self.hparams.resolution)
-        return int(self.autoencoder.config.resolution or 8 * self.downsampling_factor)
+        return self.frozen.native_resolution
 
     # ---- checkpoints and export --------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # the frozen encoders live in their own artifacts; keep checkpoints to what training changes
+        # the frozen encoders live in their own artifacts; keep checkpoints to what training changes, and
+        # record which encoders these weights were trained on
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
+        checkpoint[ENCODERS_KEY] = self.frozen.hashes()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if ENCODERS_KEY in checkpoint:
+            self.frozen.check_identity(checkpoint[ENCODERS_KEY], "The checkpoint being resumed (ckpt_path)")
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("unet.")]:  # checkpoints from before the backbone registry
+            state["backbone." + key[len("unet."):]] = state.pop(key)
         own = self.state_dict()
-        checkpoint["state_dict"].update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)})
+        state.update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIXES)})
 
     def export_artifact(self, folder: Path, datamodule: Any = None) -> Path:
-        unet = self.ema.shadow
-        tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-        tensors["schedule.alphas_cumprod"] = self.schedule.alphas_cumprod.detach().to(torch.float64)
-        config = ldm_artifact_config(
-            unet_config=dataclasses.asdict(unet.config),
-            schedule=self.schedule,
-            prediction=self.loss_fn.prediction,
-            autoencoder=self.hparams.autoencoder,
-            text_encoder=self.hparams.text_encoder,
+        backbone = self.ema.shadow
+        process_config, process_tensors = self.process.to_artifact()
+        tensors, config = ldm_artifact(
+            backbone_spec(backbone), backbone.state_dict(), process_config, process_tensors, self.objective.prediction,
+            autoencoder=self.hparams.autoencoder, text_encoder=self.hparams.text_encoder,
             text_encoder_options={"clip_skip": self.hparams.clip_skip, "model_name": self.hparams.text_encoder_arch},
             latent={"channels": self.latent_channels, "downsampling_factor": self.downsampling_factor,
                     "scale_factor": self.scale_factor, "shift_factor": self.shift_factor},
+            encoders=self.frozen.hashes(),
             resolution=self._resolution(),
             sampler=self.sampler,
             global_step=int(self.global_step),
