@@ -118,9 +118,9 @@ def test_every_noise_schedule_sweep_combination_composes(compose_cfg):
         cfg = compose_cfg(overrides)
         assert cfg.optimized_metric == sweep["metric"]["name"]
         assert OmegaConf.select(cfg, "model._target_") == "ldmkit.lit.ldm.LatentDiffusionModule"
-        schedule, loss = instantiate(cfg.schedule), instantiate(cfg.model.loss)
-        assert cfg.schedule.name == combination["schedule"]
-        assert schedule.has_zero_terminal_snr == combination["schedule.zero_terminal_snr"]
+        process, loss = instantiate(cfg.process), instantiate(cfg.model.loss)
+        assert cfg.process.name == combination["process"]
+        assert process.has_zero_terminal_snr == combination["process.zero_terminal_snr"]
         assert (loss.prediction, loss.weighting) == (combination["model.loss.prediction"], combination["model.loss.weighting"])
 
 

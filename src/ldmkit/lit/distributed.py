@@ -2,7 +2,7 @@
 
 Lightning's launcher (`trainer.devices=N`, start_method=popen) re-runs `sys.argv` for ranks 1..N-1
 with `hydra.run.dir=<this job's run dir>`. That is right for a single run, but under `-m` the argv
-still holds `-m` and the sweep (`schedule=linear,cosine`), so every child starts a sweep of its
+still holds `-m` and the sweep (`process=linear,cosine`), so every child starts a sweep of its
 own in a new timestamped folder. `HydraDDPStrategy` builds the child command from the current job
 instead: its resolved overrides, no `-m`, `hydra.run.dir=<this job's output dir>`. Outside a
 multirun it behaves exactly like `DDPStrategy`.

@@ -27,6 +27,8 @@ from torch import nn
 
 BACKBONES: dict[str, str] = {
     "unet": "ldmkit.nn.backbones.unet:UNet",
+    "dit": "ldmkit.nn.backbones.dit:DiT",
+    "mmdit": "ldmkit.nn.backbones.mmdit:MMDiT",
 }
 
 # what the LDM stage fills in from its artifacts (autoencoder latent channels, text encoder widths)
