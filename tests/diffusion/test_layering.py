@@ -4,7 +4,7 @@ import sys
 
 FORBIDDEN = ("lightning", "pytorch_lightning", "lightning_fabric", "hydra", "omegaconf", "wandb")
 MODULES = ("ldmkit.diffusion", "ldmkit.diffusion.schedules", "ldmkit.diffusion.processes", "ldmkit.diffusion.vp",
-           "ldmkit.diffusion.parameterization", "ldmkit.diffusion.losses", "ldmkit.diffusion.objectives",
+           "ldmkit.diffusion.parameterization", "ldmkit.diffusion.losses", "ldmkit.diffusion.objectives", "ldmkit.diffusion.weightings",
            "ldmkit.diffusion.samplers", "ldmkit.diffusion.guidance", "ldmkit.diffusion.sampling",
            "ldmkit.nn", "ldmkit.nn.backbones", "ldmkit.nn.backbones.unet", "ldmkit.nn.unet", "ldmkit.nn.autoencoder",
            "ldmkit.nn.attention", "ldmkit.nn.blocks", "ldmkit.nn.discriminator", "ldmkit.nn.lpips", "ldmkit.nn.clip",

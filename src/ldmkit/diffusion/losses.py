@@ -1,26 +1,7 @@
-"""Per-sample denoising loss: timestep sampling, noising, target, and loss weighting.
+"""The former training-loss interface, `DenoisingLoss(...)(model, x0, schedule, cond=, generator=) -> (loss, t)`.
 
-The loss is unreduced, (B,): the caller reduces (edm `training/loss.py` pattern). No `.item()` or
-other host syncs: everything stays on x0's device.
-
-Weightings are defined as a weight on the x0-space error ||x̂_0 - x_0||² and converted to the
-chosen prediction's space, so the same `weighting` means the same objective whatever `prediction` is
-(Hang et al. 2023, §3.3; Kingma & Gao 2023): with SNR = ᾱ/(1 - ᾱ),
-    ||ε̂ - ε||² = SNR ||x̂_0 - x_0||²,   ||v̂ - v||² = (SNR + 1) ||x̂_0 - x_0||².
-    uniform   w = 1 on the prediction's own MSE ("simple" loss, Ho et al. 2020) - no conversion.
-    min_snr   w_x0 = min(SNR, γ)                     (Hang et al. 2023, eq. 9); for v and x0 predictions
-              floored: w_x0 = max(min(SNR, γ), floor), floor = `min_snr_floor` = 1 (see below)
-    snr       w_x0 = SNR  (= plain ε-MSE for any parameterisation)
-    edm       w_x0 = (σ̃² + σ_data²) / (σ̃ σ_data)²  = SNR + 1/σ_data²   (Karras et al. 2022, λ(σ) in Table 1)
-
-The min-SNR floor. Unfloored, min-SNR gives a v- or x0-network weight SNR -> 0 as SNR -> 0: on a
-zero-terminal-SNR schedule the last timestep, where every trailing sampler makes its first x̂_0 (x̂_0 = -v̂
-there), gets exactly zero weight and t >= 900 at most 3e-3 (mean 0.28), so the model is barely trained where
-zero terminal SNR was meant to help. Below SNR = `min_snr_floor` (default 1) the x0-space weight is held at the
-floor, which at SNR = 0 is what the plain v-loss gives (w_x0 = SNR + 1; Lin et al. 2023 train zero-SNR models
-with it); diffusers' training examples floor the velocity objective the same way. At SNR >= floor it is Hang
-et al. unchanged; `min_snr_floor=0` is Hang et al. everywhere. eps-prediction keeps min(SNR, γ)/SNR (-> 1, its
-plain loss): a floor there would be an infinite ε-weight at SNR = 0, where ε̂ says nothing about x_0 anyway.
+The objective itself is `ldmkit.diffusion.objectives.DenoisingObjective`, the weightings live in
+`ldmkit.diffusion.weightings` (re-exported here, where they were defined before).
 """
 
 from __future__ import annotations
@@ -30,54 +11,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from ldmkit.diffusion.parameterization import check_prediction
-from ldmkit.diffusion.vp import Schedule, sample_timesteps  # noqa: F401  (sample_timesteps: its former home)
-
-WEIGHTINGS = ("uniform", "min_snr", "snr", "edm")
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-_WEIGHTING_ALIASES = {"simple": "uniform", "min_snr_gamma": "min_snr"}
-
-
-def x0_error_scale(snr: Tensor, prediction: str) -> Tensor:
-    """c(SNR) with ||pred error||² = c · ||x0 error||² for the given parameterisation."""
-    if prediction == "eps":
-        return snr
-    if prediction == "v":
-        return snr + 1
-    check_prediction(prediction)
-    return torch.ones_like(snr)
-
-
-def loss_weight(
-    weighting: str, snr: Tensor, prediction: str, *, min_snr_gamma: float = 5.0, min_snr_floor: float = 1.0,
-    sigma_data: float = 0.5,
-) -> Tensor:
-    """Weight on the prediction-space MSE so that the objective is `weighting` (see module docstring).
-    SNR = 0 (zero-terminal-SNR timestep) gets the limit value where it is finite."""
-    weighting = _WEIGHTING_ALIASES.get(weighting, weighting)
-    check_prediction(prediction)
-    if weighting == "uniform":
-        return torch.ones_like(snr)
-    if weighting == "min_snr":
-        _check_min_snr(min_snr_gamma, min_snr_floor)
-        if prediction == "eps":  # min(SNR, γ)/SNR written so that SNR = 0 gives its limit 1
-            return (min_snr_gamma / snr).clamp(max=1.0)
-        return snr.clamp(min=min_snr_floor, max=min_snr_gamma) / x0_error_scale(snr, prediction)
-    if weighting == "snr":
-        if prediction == "eps":
-            return torch.ones_like(snr)
-        return snr / x0_error_scale(snr, prediction)
-    if weighting == "edm":
-        if prediction == "eps":
-            return 1 + 1 / (sigma_data**2 * snr)
-        return (snr + 1 / sigma_data**2) / x0_error_scale(snr, prediction)
-    raise ValueError(f"Unknown loss weighting '{weighting}'; choose one of {', '.join(WEIGHTINGS)}.")
-
-
-def _check_min_snr(gamma: float, floor: float) -> None:
-    if not 0 <= floor <= gamma:
-        raise ValueError(f"min_snr_floor must lie in [0, min_snr_gamma={gamma}], got {floor}; "
-                         "1 (the default) keeps zero-SNR timesteps trained, 0 is Hang et al. 2023 exactly.")
+from ldmkit.diffusion.objectives import DenoisingObjective
+from ldmkit.diffusion.processes import NoiseProcess
+from ldmkit.diffusion.vp import sample_timesteps  # noqa: F401  (its former home)
+from ldmkit.diffusion.weightings import (  # noqa: F401
+    TIMESTEP_SAMPLINGS, WEIGHTINGS, _check_min_snr, _WEIGHTING_ALIASES, loss_weight, x0_error_scale,
+)
 
 
 @dataclass
@@ -100,12 +39,10 @@ class DenoisingLoss:
     def __post_init__(self) -> None:
         self.weighting = self.objective(None).weighting  # validates and resolves aliases
 
-    def objective(self, process):
-        from ldmkit.diffusion.objectives import DenoisingObjective
-
+    def objective(self, process: NoiseProcess | None) -> DenoisingObjective:
         return DenoisingObjective(process, **{f.name: getattr(self, f.name) for f in fields(self)})
 
     def __call__(
-        self, model, x0: Tensor, schedule: Schedule, *, cond=None, generator: torch.Generator | None = None
+        self, model, x0: Tensor, schedule: NoiseProcess, *, cond=None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         return self.objective(schedule).loss_and_time(model, x0, cond, generator)

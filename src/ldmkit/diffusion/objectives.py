@@ -5,7 +5,7 @@ noises x0 along the process's path, asks `model(x_t, process.model_time(t), cond
 in `prediction` parameterisation and returns the weighted, unreduced squared error; the caller reduces.
 No `.item()` or other host syncs: everything stays on x0's device.
 
-Weightings (see ldmkit.diffusion.losses) are weights on the x0-space error ||x̂_0 - x_0||², converted to
+Weightings (ldmkit.diffusion.weightings) are weights on the x0-space error ||x̂_0 - x_0||², converted to
 the prediction's space, so the same `weighting` means the same objective whatever `prediction` and process
 (Hang et al. 2023, §3.3; Kingma & Gao 2023). For variance-preserving processes with eps/v/x0 the VP
 closed forms in `loss_weight` are used (unchanged bit for bit); otherwise the conversion factor is the
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ldmkit.diffusion.losses import TIMESTEP_SAMPLINGS, WEIGHTINGS, _WEIGHTING_ALIASES, _check_min_snr, loss_weight
+from ldmkit.diffusion.weightings import TIMESTEP_SAMPLINGS, WEIGHTINGS, _WEIGHTING_ALIASES, _check_min_snr, loss_weight
 from ldmkit.diffusion.parameterization import (
     PathPoint, check_prediction, path_point, prediction_error_scale, target, to_x0,
 )
@@ -45,7 +45,7 @@ class DenoisingObjective:
 
     `offset_noise` adds offset · N(0, 1) per (sample, channel) to ε (Guttenberg 2023); it is part of the noise
     the model must predict. `input_perturbation` noises x_t with ε + γ·ξ while the target keeps ε (Ning et al.
-    2023, DDPM-IP). `min_snr_floor` floors the x0-space `min_snr` weight (ldmkit.diffusion.losses). `timestep_sampling` (`uniform`, `logit_normal` with mean/std) is the training distribution
+    2023, DDPM-IP). `min_snr_floor` floors the x0-space `min_snr` weight (ldmkit.diffusion.weightings). `timestep_sampling` (`uniform`, `logit_normal` with mean/std) is the training distribution
     of t, drawn by the process. `edm_sigma_data` is σ_data of the `edm` weighting.
     """
 

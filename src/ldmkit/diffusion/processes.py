@@ -8,8 +8,8 @@ objective only see (α, σ) and the process's methods, so a second process (rect
 slots in beside this one without a copy of any of them: subclass `NoiseProcess` and register its kind
 in `PROCESS_KINDS`.
 
-Implemented here: `DiscreteVP` (alias `Schedule`), the discrete variance-preserving schedules.
-Conventions:
+Implementations: `ldmkit.diffusion.vp.DiscreteVP` (alias `Schedule`), the discrete variance-preserving
+schedules (`make_schedule`). Conventions of the VP schedules:
 - Discrete timesteps t = 0 .. T-1; t = T-1 is the noisiest. ᾱ_t = prod_{s<=t} (1 - β_s). The network's
   time input is t itself (`model_time` is the identity), integer in training, fractional between grid points.
 - Variance-preserving (VP) scale: x_t = α_t x_0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 - ᾱ_t).
@@ -198,16 +198,3 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor
     if steps == 1:
         return torch.tensor([sigma_max], dtype=torch.float64)
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
-
-
-# The VP schedules' names, re-exported lazily (ldmkit.diffusion.vp imports this module first).
-_VP_NAMES = ("SCHEDULES", "ZERO_SNR_ALPHA_BAR", "DiscreteVP", "Schedule", "make_schedule", "q_sample",
-             "rescale_zero_terminal_snr", "timestep_spacing", "sample_timesteps")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _VP_NAMES:
-        from ldmkit.diffusion import vp
-
-        return getattr(vp, name)
-    raise AttributeError(f"module 'ldmkit.diffusion.processes' has no attribute '{name}'")
