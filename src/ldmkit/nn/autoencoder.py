@@ -46,6 +46,8 @@ class AutoencoderConfig:
     # the sampled latents are mostly noise until the encoder learns to shrink it; e.g. -6 (std 0.05)
     # lets a short run learn the reconstruction from the start. Initialisation only.
     logvar_init: float = 0.0
+    # pad right/bottom only before each stride-2 conv, as Stable Diffusion's VAE (set by ldmkit.interop)
+    asymmetric_downsample: bool = False
 
     def __post_init__(self) -> None:
         # Hydra hands lists over as ListConfig; keep a plain tuple so asdict/JSON and equality behave
@@ -142,7 +144,7 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 stage.blocks.append(ResnetBlock(prev, width, **block))
                 prev = width
-            stage.downsample = Downsample(prev) if level < len(ch) - 1 else nn.Identity()
+            stage.downsample = Downsample(prev, asymmetric_pad=cfg.asymmetric_downsample) if level < len(ch) - 1 else nn.Identity()
             self.down.append(stage)
         self.mid = MidBlock(prev, cfg)
         self.norm_out = group_norm(prev, cfg.num_groups)

@@ -82,16 +82,26 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W: a stride-2 3x3 convolution, or 2x2 average pooling without `with_conv`."""
+    """Halve H and W: a stride-2 3x3 convolution, or 2x2 average pooling without `with_conv`.
 
-    def __init__(self, channels: int, out_channels: int | None = None, with_conv: bool = True) -> None:
+    `asymmetric_pad=True` pads one pixel right and bottom only before an unpadded convolution, as
+    LDM's / Stable Diffusion's autoencoder does (`model.py` `Downsample`); the default pads all sides.
+    """
+
+    def __init__(
+        self, channels: int, out_channels: int | None = None, with_conv: bool = True, asymmetric_pad: bool = False
+    ) -> None:
         super().__init__()
         out_channels = out_channels or channels
         if not with_conv and out_channels != channels:
             raise ValueError(f"Downsample without a conv cannot change channels ({channels} → {out_channels})")
-        self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1) if with_conv else nn.AvgPool2d(2)
+        self.asymmetric_pad = asymmetric_pad and with_conv
+        padding = 0 if self.asymmetric_pad else 1
+        self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=padding) if with_conv else nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.op(x)  # (B, C, H/2, W/2)
 
 

@@ -237,13 +237,34 @@ def build_tokenizer(model: nn.Module | None = None, model_name: str | None = Non
     """
     import open_clip
 
+    pad_id = 0
     if model is not None:
         arch = clip_arch(model)
         model_name = arch["model_name"]
-        context_length = context_length or arch["model_cfg"]["text_cfg"].get("context_length", 77)
+        text_cfg = arch["model_cfg"]["text_cfg"]
+        context_length = context_length or text_cfg.get("context_length", 77)
+        pad_id = int((text_cfg.get("tokenizer_kwargs") or {}).get("pad_id", 0))
     if model_name:
         return open_clip.get_tokenizer(model_name, context_length=context_length)
-    return open_clip.SimpleTokenizer(context_length=context_length or 77)
+    tokenizer = open_clip.SimpleTokenizer(context_length=context_length or 77)
+    return PaddedTokenizer(tokenizer, pad_id) if pad_id else tokenizer
+
+
+class PaddedTokenizer:
+    """open_clip's BPE tokenizer padding with `pad_id` after the end token instead of 0: SD 1.x's text
+    encoder sees its padding positions as end tokens (49407), and the UNet attends to all 77 of them."""
+
+    def __init__(self, tokenizer: Any, pad_id: int) -> None:
+        self.tokenizer, self.pad_id = tokenizer, int(pad_id)
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> Tensor:
+        ids = self.tokenizer(texts, context_length)  # (B, L), zeros after the end token
+        seen_end = (ids == self.tokenizer.eot_token_id).long().cumsum(dim=1)
+        after_end = torch.cat([torch.zeros_like(seen_end[:, :1]), seen_end[:, :-1]], dim=1) > 0
+        return ids.masked_fill(after_end, self.pad_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
 
 
 def preprocess_images(model: nn.Module, images: Tensor) -> Tensor:
