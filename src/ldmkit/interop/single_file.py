@@ -163,7 +163,7 @@ def _map_vae(key: str, prefixes: Mapping[str, str], inner_res: Mapping[str, str]
         if key.startswith(src):
             head, _, tail = key[len(src):].rpartition(".")
             inner = inner_attn if ("attn" in src or "attentions" in src) else inner_res
-            return prefixes[src] + f"{inner.get(head, head)}.{tail}"
+            return prefixes[src] + (f"{inner.get(head, head)}.{tail}" if head else tail)
     if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)|(post_)?quant_conv\.(weight|bias)", key):
         return key
     raise InteropError(f"VAE key '{key}' does not belong to a Stable Diffusion VAE of this shape (foreign or extra weights).")
