@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 from ldmkit.lit.autoencoder import AutoencoderModule
@@ -39,3 +40,25 @@ def test_autoencoder_default_keeps_one_group_and_the_option_splits():
     no_decay = {id(p) for p in split.param_groups[1]["params"]}
     assert all(id(p) in no_decay for n, p in module.autoencoder.named_parameters() if p.ndim < 2)  # biases, norm gains
     assert sum(len(g["params"]) for g in split.param_groups) == len(list(module.autoencoder.parameters()))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_ldm_default_is_todays_single_group_and_the_option_splits(compose_cfg, tiny_artifacts, split):
+    from hydra.utils import instantiate
+
+    from tests.lit.test_ldm import TINY, artifacts_overrides
+
+    cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), "model.optimizer.weight_decay=0.05",
+                       *(["model.split_weight_decay=true"] if split else [])])
+    module = instantiate(cfg.model)
+    optimizer = module.configure_optimizers()["optimizer"]
+    backbone = list(module.backbone.parameters())
+    if not split:  # what `optimizer_factory(params=backbone.parameters())` built before the helper
+        reference = module.optimizer_factory(params=module.backbone.parameters()).state_dict()
+        state = optimizer.state_dict()  # its lr is already set by the warm-up schedule
+        for group in (*state["param_groups"], *reference["param_groups"]):
+            group.pop("lr"), group.pop("initial_lr", None)
+        assert state == reference and _ids(optimizer.param_groups[0]) == [id(p) for p in backbone]
+    else:
+        assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+        assert sorted(id(p) for g in optimizer.param_groups for p in g["params"]) == sorted(id(p) for p in backbone)

@@ -24,7 +24,7 @@ from ldmkit.diffusion.objectives import DenoisingObjective
 from ldmkit.generator import BackboneDenoiser, TextToImage
 from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
-from ldmkit.lit.optim import WarmupCosine, warmup_cosine_schedule
+from ldmkit.lit.optim import WarmupCosine, param_groups, warmup_cosine_schedule
 from ldmkit.nn.backbones import BackboneFactMismatch, backbone_spec, check_latent_size
 from ldmkit.nn.frozen import FrozenEncoders, load_frozen_encoders
 
@@ -78,7 +78,10 @@ class LatentDiffusionModule(LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         frozen_bf16: bool = False,
+        split_weight_decay: bool = False,
     ) -> None:
+        """`split_weight_decay`: the optimizer's weight decay skips biases, norms and embeddings
+        (`lit.optim.param_groups`); the default is one group of all backbone parameters, as before."""
         super().__init__()
         # plain values only: checkpoints must load with weights_only=True
         self.save_hyperparameters(ignore=["backbone", "loss", "optimizer"])
@@ -190,7 +193,7 @@ class LatentDiffusionModule(LightningModule):
         self.ema.update(self.backbone, images_per_step=images_per_step, step=self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=self.backbone.parameters())
+        optimizer = self.optimizer_factory(params=param_groups(self.backbone, self.hparams.split_weight_decay))
         warmup = self.hparams.lr_warmup_steps
         if self.hparams.lr_decay:
             schedule = warmup_cosine_schedule(optimizer, int(self.trainer.estimated_stepping_batches), warmup)
