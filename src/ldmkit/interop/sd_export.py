@@ -84,7 +84,9 @@ def _load(folder: Path) -> dict[str, Any]:
     text_cfg, text_state = _text(te_config, te_tensors, clip_skip)
     interop = m["config"].get("interop", {})
     return {**m, "vae": vae_cfg, "vae_state": ae_tensors, "scale": scale, "text_cfg": text_cfg, "text_state": text_state,
-            "linear_projection": bool(interop.get("use_linear_projection", True)), "norm_eps": float(interop.get("norm_eps", 1e-6)),
+            # SD 1.x files hold 1x1-conv transformer projections, SD 2.x linear ones: an ldmkit-trained model with
+            # an SD 1.x-style (QuickGELU) text encoder is written the SD 1.x way unless its import recorded otherwise
+            "linear_projection": bool(interop.get("use_linear_projection", not text_cfg.get("quick_gelu", False))), "norm_eps": float(interop.get("norm_eps", 1e-6)),
             "upcast_attention": bool(interop.get("upcast_attention", False)),
             "resolution": int(m["config"].get("resolution", 512))}
 

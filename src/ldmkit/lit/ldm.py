@@ -52,6 +52,27 @@ def build_backbone_for(backbone: nn.Module | Callable[..., nn.Module], frozen: F
         raise ArtifactError(f"backbone {err.key}={err.given} but {sources[err.key]} gives {err.needed}. {fix}") from err
 
 
+def backbone_from_init(folder: str, loss: DenoisingObjective) -> nn.Module:
+    """The backbone of an `ldm` artifact (e.g. `python -m ldmkit.cli.convert import`'s DIR/ldm) to fine-tune, after
+    checking that the run trains it under the process and prediction it was trained with."""
+    from ldmkit.artifacts import load_artifact, read_ldm_artifact
+    from ldmkit.nn.backbones import build_backbone
+
+    tensors, config = load_artifact(folder, "ldm")
+    spec = read_ldm_artifact(folder, config, tensors)
+    if spec.process["prediction"] != loss.prediction:
+        raise ArtifactError(f"model.init='{folder}' predicts {spec.process['prediction']}, but this run trains "
+                            f"{loss.prediction}: set model.loss.prediction={spec.process['prediction']}.")
+    theirs, ours = spec.process_tensors.get("alphas_cumprod"), getattr(loss.process, "alphas_cumprod", None)
+    if spec.process["kind"] != loss.process.kind or (theirs is not None and ours is not None and (
+            theirs.shape != ours.shape or not torch.allclose(theirs.double(), ours.double(), atol=1e-9))):
+        raise ArtifactError(f"model.init='{folder}' was trained under the process {spec.process.get('schedule') or spec.process['kind']}, "
+                            "this run under another: pick the matching process= (e.g. process=scaled_linear for Stable Diffusion).")
+    backbone = build_backbone(spec.backbone["arch"], spec.backbone["config"])
+    backbone.load_state_dict(spec.backbone_state)
+    return backbone
+
+
 class LatentDiffusionModule(LightningModule):
     def __init__(
         self,
@@ -79,6 +100,7 @@ class LatentDiffusionModule(LightningModule):
         compile: bool = False,
         frozen_bf16: bool = False,
         split_weight_decay: bool = False,
+        init: str | None = None,
     ) -> None:
         """`split_weight_decay`: the optimizer's weight decay skips biases, norms and embeddings
         (`lit.optim.param_groups`); the default is one group of all backbone parameters, as before."""
@@ -93,6 +115,8 @@ class LatentDiffusionModule(LightningModule):
         self.downsampling_factor = self.frozen.downsampling_factor
         self.latent = self.frozen.latent_spec(self._resolution())
 
+        if init is not None:  # fine-tune an existing ldm artifact: its backbone replaces the `backbone` config
+            backbone = backbone_from_init(init, loss)
         self.backbone = build_backbone_for(backbone, self.frozen, use_pooled, autoencoder, text_encoder)
         check_latent_size(self.backbone, self.latent.height, self.latent.width)
         if channels_last:
