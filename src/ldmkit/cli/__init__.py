@@ -6,6 +6,7 @@
     python -m ldmkit.cli.export_shards ...      a dataset split as webdataset shards
     python -m ldmkit.cli.latent_cache ...       the latent / text-embedding cache
     python -m ldmkit.cli.judge --cache-dir DIR  the shapes attribute classifier
+    python -m ldmkit.cli.convert import|export  Stable Diffusion checkpoints <-> ldmkit artifacts
 
 They work from an installed wheel (conf/ ships inside it; `$LDMKIT_CONF` points at your own).
 """

@@ -1,5 +1,7 @@
-"""`python -m ldmkit.cli.convert import|export ...` (also `python -m ldmkit.interop.convert`): Stable Diffusion
-checkpoints in and out; options in `ldmkit.interop.convert`."""
+"""`python -m ldmkit.cli.convert import SRC out=DIR | export LDM out=PATH`: Stable Diffusion checkpoints
+to ldmkit artifacts and back (arguments and options: `ldmkit.interop.convert`)."""
+
+from __future__ import annotations
 
 from ldmkit.interop.convert import main
 
