@@ -30,6 +30,8 @@ def test_uint8_round_trips_exactly():
     pixels = torch.arange(256, dtype=torch.uint8)
     assert torch.equal(to_uint8(from_uint8(pixels)), pixels)
     assert from_uint8(pixels)[[0, 255]].tolist() == [-1.0, 1.0]
+    assert torch.equal(from_uint8(pixels, UNIT), pixels.float() / 255)  # ToTensor's convention (feature extractors)
+    assert torch.equal(to_uint8(from_uint8(pixels, UNIT), UNIT), pixels)
 
 
 def test_half_precision_inputs_are_quantised_in_float32():

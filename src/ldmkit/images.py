@@ -28,8 +28,12 @@ def to_uint8(images: torch.Tensor, value_range: tuple[float, float] = SIGNED) ->
     return x.round().to(torch.uint8)
 
 
-def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (or integer-valued) pixels in [0, 255] -> float32 in [-1, 1]."""
+def from_uint8(pixels: torch.Tensor, value_range: tuple[float, float] = SIGNED) -> torch.Tensor:
+    """uint8 (or integer-valued) pixels in [0, 255] -> float32 in [-1, 1] (or [0, 1]: p / 255, as ToTensor)."""
+    if tuple(value_range) == UNIT:
+        return pixels.float() / 255
+    if tuple(value_range) != SIGNED:
+        raise ValueError(f"value_range must be (-1, 1) or (0, 1), got {value_range!r}")
     return pixels.float().div(127.5).sub(1.0)
 
 

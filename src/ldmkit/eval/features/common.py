@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.eval.fid import FeatureStats, to_uint8_images
+from ldmkit.images import UNIT, from_uint8
 
 FEATURE_FILE_FORMAT = "ldmkit-features/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,7 +57,7 @@ def resize_like_pil(images: Tensor, size: int, center_crop: bool = False) -> Ten
 
 def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std, as ToTensor + Normalize."""
-    x = images_uint8.float() / 255  # (B, 3, H, W) in [0, 1]
+    x = from_uint8(images_uint8, UNIT)  # (B, 3, H, W) in [0, 1]
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
