@@ -120,7 +120,7 @@ def train_parts(work: Path, device: str, quick: bool, fallback: Callable[[], dic
               "trainer.log_every_n_steps=5", "trainer.limit_val_batches=1"]
 
     def stage(name: str, overrides: list[str], steps: int, needs: list[str] | None = None,
-              artifacts: bool = False) -> list[Part]:
+              artifacts: bool = False, resume: bool = True) -> list[Part]:
         run = work / name.replace(":", "_")
         first = [*common, *overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
                  f"callbacks.model_checkpoint.every_n_train_steps={steps}", f"hydra.run.dir={run}"]
@@ -129,10 +129,10 @@ def train_parts(work: Path, device: str, quick: bool, fallback: Callable[[], dic
             return lambda: [PY, str(ROOT / "train.py"), *first, *(ldm_inputs() if artifacts else []), *extra]
 
         resumed = steps + s.resume_steps * (2 if "autoencoder" in name else 1)  # GAN: global_step counts both optimizers
-        return [Part(f"train:{name}", "train", cmd([]), s.train_timeout, list(needs or [])),
+        return [Part(f"train:{name}", "train", cmd([]), s.train_timeout, list(needs or []))] + ([
                 Part(f"resume:{name}", "train", cmd(["ckpt_path=last", f"trainer.max_steps={resumed}",
                                                      f"trainer.val_check_interval={resumed}"]), s.train_timeout,
-                     [f"train:{name}"])]
+                     [f"train:{name}"])] if resume else [])
 
     def ldm_inputs() -> list[str]:
         found = {k: work / k / "artifact" for k in ("autoencoder", "clip")}
@@ -146,13 +146,15 @@ def train_parts(work: Path, device: str, quick: bool, fallback: Callable[[], dic
                                   "model.num_log_images=2"], ae_steps)
     parts += stage("clip", ["model=clip", *([] if not quick else CLIP_TINY)], s.steps)
     ldm = ["model=ldm", "model.lr_warmup_steps=1"] + (["model.val_prompts=[]", "sampler.steps=2"] if quick else ["sampler.steps=10"])
-    for backbone in backbones():
-        for process, prediction in processes():
+    for i, backbone in enumerate(backbones()):
+        for j, (process, prediction) in enumerate(processes()):
             name = f"ldm:{backbone or 'default'}:{process or 'default'}"
             overrides = [*ldm, f"model.loss.prediction={prediction}"]
             overrides += [f"backbone={backbone}"] if backbone else []
             overrides += [f"process={process}"] if process else []
-            parts += stage(name, overrides, s.steps, ["train:autoencoder", "train:clip"], artifacts=True)
+            # resume: every backbone under the first process on the GPU; once in --quick (CPU minutes)
+            resume = (i == j == 0) if quick else j == 0
+            parts += stage(name, overrides, s.steps, ["train:autoencoder", "train:clip"], artifacts=True, resume=resume)
     if device.startswith("cuda") and not quick:
         backbone = backbones()[0]
         parts += stage("ldm:compiled", [*ldm, "model.compile=true", *([f"backbone={backbone}"] if backbone else [])],
@@ -167,16 +169,16 @@ def eval_parts(work: Path, device: str, quick: bool) -> list[Part]:
              "p = Path(sys.argv[1]); p.parent.mkdir(parents=True, exist_ok=True); torch.save(r(), p)")
     parts = [Part("eval:inception-weights", "train", lambda: [PY, "-c", write, str(weights)], 120)]
     samplers = {"v": "[ddim,dpmpp_2m]", "flow": "[euler,dpmpp_2m]"}
-    for process, prediction in processes():
-        name = f"ldm:{backbones()[0] or 'default'}:{process or 'default'}"
+    for j, (process, prediction) in enumerate(processes()):
+        name, first = f"ldm:{backbones()[0] or 'default'}:{process or 'default'}", j == 0
         run = work / name.replace(":", "_")
         parts.append(Part(
             f"eval:{name}", "train",
-            lambda run=run, prediction=prediction: [
+            lambda run=run, prediction=prediction, name=name: [
                 PY, str(ROOT / "eval.py"), f"ckpt={run / 'artifact'}", f"samplers={samplers[prediction]}", *s.eval,
                 "logger=none", f"inception_path={weights}", f"cache_dir={work / 'eval_cache'}",
                 f"hydra.run.dir={work / ('eval_' + name.replace(':', '_'))}", f"accelerator={'gpu' if device.startswith('cuda') else 'cpu'}"],
-            s.train_timeout, [f"resume:{name}", "eval:inception-weights"]))
+            s.train_timeout, [f"resume:{name}" if first else f"train:{name}", "eval:inception-weights"]))
     return parts
 
 
