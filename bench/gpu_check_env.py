@@ -42,6 +42,20 @@ def nvidia_smi() -> str | None:
         return None
 
 
+def nccl_version() -> str | None:
+    try:
+        version = torch_module().cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - a build without NCCL
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def torch_module():
+    import torch
+
+    return torch
+
+
 def matmul_peak(device: str, dtype: str, n: int) -> float:
     """Dense n x n x n matmul FLOP/s, best of 10 after 3 warm-ups."""
     import torch
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30, capability=f"{props.major}.{props.minor}",
-                     multiprocessors=props.multi_processor_count, nccl=".".join(map(str, torch.cuda.nccl.version())))
+                     multiprocessors=props.multi_processor_count, nccl=nccl_version())
     device = args.device if torch.cuda.is_available() or not args.device.startswith("cuda") else "cpu"
     n = args.matmul_size or (8192 if device.startswith("cuda") else 512)
     facts["matmul_peak_tflops"] = {dtype: matmul_peak(device, dtype, n) / 1e12 for dtype in ("bf16", "fp32")}
