@@ -112,6 +112,7 @@ def test_plan_on_this_tree_trains_every_stage_and_skips_ddp_without_cuda(tmp_pat
     assert {p.name for p in bench if p.group == "speed"} == {f"speed:{a}" for a in plan.speed_archs()}
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_whole_check_runs_on_the_cpu(tmp_path):

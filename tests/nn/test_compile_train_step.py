@@ -90,6 +90,7 @@ def run(arch: str, compiled: bool, bf16: bool, steps: int = 3):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("arch", ["unet", "dit", "mmdit"])
 def test_compiled_training_step_matches_eager_fp32(arch):
     torch._dynamo.reset()
@@ -103,6 +104,7 @@ def test_compiled_training_step_matches_eager_fp32(arch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("arch", ["unet", "dit", "mmdit"])
 def test_compiled_training_step_matches_eager_bf16_autocast(arch):
     torch._dynamo.reset()

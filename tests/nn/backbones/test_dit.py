@@ -124,6 +124,7 @@ def test_a_few_adamw_steps_fit_a_fixed_batch():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_torch_compile_inductor_matches_eager():
     cfg = DiTConfig(**{**TINY, "depth": 2, "pooled_dim": 12, "qk_norm": True})
     helpers.check_compiled_matches_eager(randomized(DiT(cfg)), cfg, backend="inductor")
