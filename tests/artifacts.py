@@ -37,7 +37,7 @@ def write_clip(folder: Path, seed: int = 0) -> Path:
     return save_artifact(folder, "clip", model.state_dict(), artifact_config(model))
 
 
-def ldm_module(autoencoder: Path, text_encoder: Path, prediction: str = "eps", **kwargs):
+def ldm_module(autoencoder: Path, text_encoder: Path, prediction: str = "eps", process=None, **kwargs):
     from functools import partial
 
     from ldmkit.diffusion.objectives import DenoisingObjective
@@ -49,14 +49,15 @@ def ldm_module(autoencoder: Path, text_encoder: Path, prediction: str = "eps", *
     kwargs.setdefault("sampler", {"name": "ddim", "steps": 3, "guidance_scale": 2.0})
     return LatentDiffusionModule(
         backbone=partial(backbone_factory, "unet", **TINY_UNET), autoencoder=str(autoencoder), text_encoder=str(text_encoder),
-        loss=DenoisingObjective(make_schedule("scaled_linear", 1000), prediction=prediction),
+        loss=DenoisingObjective(process or make_schedule("scaled_linear", 1000), prediction=prediction),
         optimizer=partial(torch.optim.AdamW, lr=1e-3), **kwargs,
     )
 
 
-def write_ldm(folder: Path, autoencoder: Path, text_encoder: Path, seed: int = 0, prediction: str = "eps") -> Path:
+def write_ldm(folder: Path, autoencoder: Path, text_encoder: Path, seed: int = 0, prediction: str = "eps",
+              process=None, **kwargs) -> Path:
     torch.manual_seed(seed)
-    module = ldm_module(autoencoder, text_encoder, prediction=prediction)
+    module = ldm_module(autoencoder, text_encoder, prediction=prediction, process=process, **kwargs)
     # random UNet output layers are zero-initialised: perturb so samples depend on the weights
     with torch.no_grad():
         for p in module.ema.shadow.parameters():

@@ -12,7 +12,10 @@ omegaconf = pytest.importorskip("omegaconf")
 hydra_utils = pytest.importorskip("hydra.utils")
 
 
-@pytest.mark.parametrize("path", sorted((CONF / "process").glob("*.yaml")), ids=lambda p: p.stem)
+VP_PROCESSES = [p for p in sorted((CONF / "process").glob("*.yaml")) if p.stem != "rectified_flow"]
+
+
+@pytest.mark.parametrize("path", VP_PROCESSES, ids=lambda p: p.stem)
 @pytest.mark.parametrize("zero_terminal_snr", [False, True])
 def test_schedule_configs_instantiate(path, zero_terminal_snr):
     cfg = omegaconf.OmegaConf.load(path)

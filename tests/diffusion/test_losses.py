@@ -30,9 +30,7 @@ def test_weightings_mean_the_same_objective_for_every_parameterisation(weighting
         snr = SCHEDULE.snr[t]
         if weighting == "uniform":
             expected = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
-        elif weighting == "min_snr" and prediction != "eps":  # the documented floor (losses.py docstring)
-            expected = snr.clamp(min=1.0, max=5.0)
-        else:
+        else:  # min_snr: the default floor `auto` is 0 (Hang et al.) on this schedule, which never reaches SNR = 0
             expected = {"min_snr": snr.clamp(max=5.0), "snr": snr, "edm": snr + 1 / 0.5**2}[weighting]
         assert loss.shape == (64,) and t.shape == (64,) and t.dtype == torch.long
         assert torch.allclose(loss.double(), expected, rtol=1e-5), (weighting, prediction)
@@ -53,15 +51,16 @@ def test_min_snr_weights_match_hang_et_al():
 
 def test_min_snr_floor_keeps_zero_terminal_snr_timesteps_trained():
     # Hang et al.'s v-weight min(SNR, γ)/(SNR + 1) is exactly 0 at the zero-SNR timestep every trailing sampler
-    # starts from (and <= 3e-3 for t >= 900); the default floor holds the x0-space weight at 1 below SNR = 1.
+    # starts from (and <= 3e-3 for t >= 900); floor 1 (the `auto` default here) holds the x0-space weight at 1
+    # below SNR = 1.
     zsnr = make_schedule("scaled_linear", zero_terminal_snr=True)
     snr = zsnr.snr
     hang = loss_weight("min_snr", snr, "v", min_snr_floor=0.0)
-    floored = loss_weight("min_snr", snr, "v")
+    floored = loss_weight("min_snr", snr, "v", min_snr_floor=1.0)
     assert hang[-1] == 0 and hang[900:].max() < 3e-3  # the hazard, reproduced
     assert floored[-1] == 1.0 and floored[900:].min() > 0.99 and floored[900:].min() > floored.mean()
     assert torch.equal(floored[snr >= 1], hang[snr >= 1])  # Hang et al. unchanged from SNR = 1 up
-    assert torch.allclose(loss_weight("min_snr", snr, "x0"), snr.clamp(min=1.0, max=5.0))
+    assert torch.allclose(loss_weight("min_snr", snr, "x0", min_snr_floor=1.0), snr.clamp(min=1.0, max=5.0))
     assert torch.equal(loss_weight("min_snr", snr, "eps"), loss_weight("min_snr", snr, "eps", min_snr_floor=0.0))
     # through the loss: an x̂_0 error at the noisiest timesteps (SNR < 2e-3 for t >= 950) costs its full weight
     x0 = torch.randn(1024, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -71,8 +70,31 @@ def test_min_snr_floor_keeps_zero_terminal_snr_timesteps_trained():
             generator=torch.Generator().manual_seed(2))
         last = loss[t >= 950]
         assert last.numel() > 20 and bool((last > 0.99).all()) == positive and bool((last < 2e-3).all()) != positive
-    with pytest.raises(ValueError, match="min_snr_floor must lie in"):
+    with pytest.raises(ValueError, match="min_snr_floor must be 'auto' or lie in"):
         DenoisingLoss(prediction="v", weighting="min_snr", min_snr_gamma=5.0, min_snr_floor=6.0)
+    with pytest.raises(ValueError, match="min_snr_floor must be 'auto' or lie in"):
+        DenoisingLoss(prediction="v", weighting="min_snr", min_snr_floor="always")
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_min_snr_floor_auto_floors_only_zero_terminal_snr_processes(prediction):
+    # issue 13 follow-up: `auto` keeps Hang et al. exactly where SNR never reaches 0 (scaled_linear, the
+    # quickstart's v + min_snr recipe: same weights as before the floor existed) and floors at 1 where it does
+    from ldmkit.diffusion.flow import RectifiedFlow
+    from ldmkit.diffusion.objectives import DenoisingObjective
+
+    def weights(process, floor):
+        t = torch.arange(1000) if process.variance_preserving else torch.linspace(1e-3, 1, 1000, dtype=torch.float64)
+        objective = DenoisingObjective(process, prediction=prediction, weighting="min_snr", min_snr_floor=floor)
+        return objective.weight(t, process.path(t))
+
+    sd, zsnr, flow = make_schedule("scaled_linear"), make_schedule("scaled_linear", zero_terminal_snr=True), RectifiedFlow()
+    assert torch.equal(weights(sd, "auto"), weights(sd, 0.0)) and torch.equal(weights(sd, None), weights(sd, 0.0))
+    assert not torch.equal(weights(sd, "auto"), weights(sd, 1.0))  # SD's SNR < 1 half keeps Hang et al.'s weights
+    assert torch.equal(weights(zsnr, "auto"), weights(zsnr, 1.0)) and weights(zsnr, "auto")[-1] > 0
+    assert torch.equal(weights(flow, "auto"), weights(flow, 1.0))
+    assert torch.equal(weights(zsnr, 0.0), weights(zsnr, 0.0)) and weights(zsnr, 0.0)[-1] == 0  # numbers honoured
+    assert torch.equal(weights(sd, 2.0), weights(sd, 2.0)) and not torch.equal(weights(sd, 2.0), weights(sd, "auto"))
 
 
 def test_timestep_sampling():

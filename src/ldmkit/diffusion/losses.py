@@ -15,7 +15,8 @@ from ldmkit.diffusion.objectives import DenoisingObjective
 from ldmkit.diffusion.processes import NoiseProcess
 from ldmkit.diffusion.vp import sample_timesteps  # noqa: F401  (its former home)
 from ldmkit.diffusion.weightings import (  # noqa: F401
-    TIMESTEP_SAMPLINGS, WEIGHTINGS, _check_min_snr, _WEIGHTING_ALIASES, loss_weight, x0_error_scale,
+    MIN_SNR_FLOOR_AUTO, SD3_WEIGHTINGS, TIMESTEP_SAMPLINGS, WEIGHTINGS, _check_min_snr, _WEIGHTING_ALIASES,
+    loss_weight, resolve_min_snr_floor, sd3_weight, x0_error_scale,
 )
 
 
@@ -28,10 +29,11 @@ class DenoisingLoss:
     prediction: str = "eps"
     weighting: str = "uniform"
     min_snr_gamma: float = 5.0
-    min_snr_floor: float = 1.0
+    min_snr_floor: float | str | None = MIN_SNR_FLOOR_AUTO
     timestep_sampling: str = "uniform"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    mode_scale: float = 1.29
     offset_noise: float = 0.0
     input_perturbation: float = 0.0
     edm_sigma_data: float = 0.5

@@ -9,7 +9,8 @@ slots in beside this one without a copy of any of them: subclass `NoiseProcess` 
 in `PROCESS_KINDS`.
 
 Implementations: `ldmkit.diffusion.vp.DiscreteVP` (alias `Schedule`), the discrete variance-preserving
-schedules (`make_schedule`). Conventions of the VP schedules:
+schedules (`make_schedule`), and `ldmkit.diffusion.flow.RectifiedFlow`, x_t = (1 - t) x_0 + t ε with SD3 / Flux
+time shifts (its conventions are in its module). Conventions of the VP schedules:
 - Discrete timesteps t = 0 .. T-1; t = T-1 is the noisiest. ᾱ_t = prod_{s<=t} (1 - β_s). The network's
   time input is t itself (`model_time` is the identity), integer in training, fractional between grid points.
 - Variance-preserving (VP) scale: x_t = α_t x_0 + σ_t ε with α_t = sqrt(ᾱ_t), σ_t = sqrt(1 - ᾱ_t).
@@ -34,7 +35,7 @@ from ldmkit.diffusion.parameterization import PathPoint
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SIGMA_SPACINGS = ("karras", "exponential")
 SPACINGS = TIMESTEP_SPACINGS + SIGMA_SPACINGS
-TIME_SAMPLINGS = ("uniform", "logit_normal")
+TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
 
 
 class ProcessError(ValueError):
@@ -103,6 +104,8 @@ class NoiseProcess:
 
     kind: str = "abstract"
     variance_preserving: bool = False
+    has_time_derivatives: bool = False  # levels carry (α', σ'): the `flow` prediction is defined
+    ode_in_process_time: bool = False  # Heun integrates dx/dt in the process's t (else dx̃/dσ̃, Karras et al.)
     grid_options: tuple[str, ...] = ()  # keyword options of `sampling_grid` besides steps and spacing
 
     # -- the path
@@ -129,11 +132,24 @@ class NoiseProcess:
         """Inverse of `model_time` (guidance rescale gets the network's t and needs (α, σ))."""
         return t_model
 
+    def for_shape(self, shape: tuple[int, ...]) -> "NoiseProcess":
+        """This process for data of `shape` (B, C, H, W): itself, unless it depends on the resolution
+        (rectified flow's dynamic shift); the objective and `sample` call it before anything else."""
+        return self
+
     # -- training
     def sample_time(self, batch: int, *, method: str = "uniform", mean: float = 0.0, std: float = 1.0,
-                    generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
-        """Training times (B,): `uniform`, or `logit_normal` (Esser et al. 2024, §3.1), larger `mean` noisier."""
+                    mode_scale: float = 1.29, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> Tensor:
+        """Training times (B,): `uniform`, `logit_normal` (Esser et al. 2024, §3.1), larger `mean` noisier, or
+        SD3's `mode` sampling with `mode_scale` (Esser et al. 2024, eq. 20)."""
         raise NotImplementedError
+
+    def validation_time(self, batch: int, *, generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> Tensor:
+        """Times (B,) of the validation losses. Every process draws u ~ U[0, 1) from `generator` and validates at
+        the SNR of rectified-flow time u, ((1 - u)/u)², so `val/x0_mse` is comparable across processes."""
+        return self.sample_time(batch, generator=generator, device=device)
 
     def time_bucket(self, t: Tensor, buckets: int) -> Tensor:
         """Index in 0..buckets-1 of t on the process's time axis, noisier = higher (validation loss per bucket)."""
@@ -162,6 +178,7 @@ class NoiseProcess:
 # kind -> "module:Class" (resolved lazily, so adding a process is one line here plus its module)
 PROCESS_KINDS: dict[str, str] = {
     "vp_discrete": "ldmkit.diffusion.vp:DiscreteVP",
+    "rectified_flow": "ldmkit.diffusion.flow:RectifiedFlow",
 }
 
 

@@ -3,7 +3,9 @@
 `process` (the argument is still called `schedule`) is any `ldmkit.diffusion.processes.NoiseProcess`: every
 sampler is written in α, σ, λ and σ̃ = σ/α of the grid's `NoiseLevel`s, so it runs on any x = α x_0 + σ ε path,
 except `ddpm` and `ddim`, whose updates are written in ᾱ for variance-preserving processes and say so
-(`euler` is DDIM η=0 and `euler_a` DDPM-like ancestral sampling on any process).
+(`euler` is DDIM η=0 and `euler_a` DDPM-like ancestral sampling on any process). On rectified flow, `euler`
+is flow Euler x' = x + (t' - t) u (the DDIM step is the same point) and `heun` integrates in t, as diffusers'
+FlowMatch schedulers; DPM-Solver++ and UniPC step in λ = log(α/σ) as everywhere.
 
 Inside the library a *denoiser* is `denoiser(x, level) -> x̂_0`: x is in the variance-preserving scale
 (x = α x_0 + σ ε) at the `NoiseLevel` `level` of the grid, and the result is the x_0 prediction
@@ -163,6 +165,8 @@ def sample_heun(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *
     infinite noise, ᾱ ≤ `infinite_noise_alpha_bar`: module docstring) where it is Euler.
     2·steps - 1 model evaluations (one fewer out of infinite noise)."""
     grid = sampling_grid(schedule, steps, **grid_options)
+    if schedule.ode_in_process_time:
+        return _heun_in_process_time(denoiser, x, grid, callback)
     for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
         x0 = denoiser(x, cur)
         eps = _eps(x, x0, cur)
@@ -173,6 +177,29 @@ def sample_heun(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *
             eps_next = _eps(x_euler, denoiser(x_euler, nxt), nxt)
             x_tilde = x / cur.alpha + (nxt.sigma_ve - cur.sigma_ve) * (eps + eps_next) / 2
             x = nxt.alpha * x_tilde
+        _report(callback, i, steps, x, x0)
+    return x
+
+
+def _velocity(x: Tensor, x0: Tensor, level: NoiseLevel) -> Tensor:
+    """dx/dt = α' x̂_0 + σ' ε̂ in the process's own time (for rectified flow u = ε̂ - x̂_0)."""
+    return level.d_alpha * x0 + level.d_sigma * _eps(x, x0, level)
+
+
+def _heun_in_process_time(denoiser: Denoiser, x: Tensor, grid: Sequence[NoiseLevel],
+                          callback: Callback | None) -> Tensor:
+    """Heun on dx/dt = α' x̂_0 + σ' ε̂ in the process's time (diffusers FlowMatchHeunDiscreteScheduler for
+    rectified flow: x' = x + (t' - t)(u + u')/2, Euler into t = 0). Its corrector also runs out of pure noise,
+    where the velocity is finite. 2·steps - 1 model evaluations."""
+    steps = len(grid) - 1
+    for i, (cur, nxt) in enumerate(zip(grid, grid[1:])):
+        x0 = denoiser(x, cur)
+        slope = _velocity(x, x0, cur)
+        x_euler = x + (nxt.t - cur.t) * slope
+        if nxt.is_clean:
+            x = x_euler
+        else:
+            x = x + (nxt.t - cur.t) * (slope + _velocity(x_euler, denoiser(x_euler, nxt), nxt)) / 2
         _report(callback, i, steps, x, x0)
     return x
 
@@ -362,11 +389,24 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def nfe(sampler: str, steps: int, *, from_zero_snr: bool = False) -> int:
+VP_ONLY_SAMPLERS = ("ddpm", "ddim")  # written in ᾱ; `euler` (DDIM η=0) and `euler_a` run on any path
+
+
+def check_sampler_supports(name: str, process: NoiseProcess) -> None:
+    """Raise the sampler's own clear error now (not after training) if `name` is not defined on `process`."""
+    if name in VP_ONLY_SAMPLERS:
+        process.require_variance_preserving(f"The {name} sampler",
+                                            "Use euler (DDIM with η=0 on any path) or euler_a (ancestral sampling).")
+
+
+def nfe(sampler: str, steps: int, *, from_zero_snr: bool = False, process: NoiseProcess | None = None) -> int:
     """Model evaluations `sampler` makes in `steps` steps (`from_zero_snr`: the grid starts at ᾱ = 0, or at
-    effectively infinite noise, ᾱ ≤ INFINITE_NOISE_ALPHA_BAR, as trailing grids on `cosine`/`sigmoid` do)."""
+    effectively infinite noise, ᾱ ≤ INFINITE_NOISE_ALPHA_BAR, as trailing grids on `cosine`/`sigmoid` do;
+    `process`: Heun in the process's time, rectified flow's, corrects out of pure noise too)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    if sampler == "heun" and process is not None and process.ode_in_process_time:
+        return 2 * steps - 1
     if sampler == "heun":
         return 2 * steps - 1 - (1 if from_zero_snr and steps > 1 else 0)
     if sampler == "plms":

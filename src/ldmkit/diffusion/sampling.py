@@ -66,8 +66,12 @@ def sample(
         raise ValueError(f"Unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     check_prediction(prediction)
     options = {k: v for k, v in options.items() if v is not None}
+    schedule = schedule.for_shape(tuple(noise.shape))  # e.g. rectified flow's resolution-dependent shift
     grid_keys = schedule.grid_options
     first = sampling_grid(schedule, steps, spacing, **{k: v for k, v in options.items() if k in grid_keys})[0]
+    if prediction == "eps" and first.alpha == 0 and not schedule.variance_preserving:
+        raise ValueError(f"prediction='eps' cannot sample process kind '{schedule.kind}': its grid starts at pure "
+                         "noise (α = 0), where an eps-prediction says nothing about x_0. Predict flow, v or x0.")
     if prediction == "eps" and first.alpha == 0:
         raise ValueError(
             "This schedule has zero terminal SNR and the grid starts at it, where an eps-prediction says nothing "

@@ -56,6 +56,7 @@ class DiscreteVP(NoiseProcess):
                 f"(got first={float(ac[0]):.6g}, last={float(ac[-1]):.6g}); build one with make_schedule(...)."
             )
         object.__setattr__(self, "alphas_cumprod", ac)
+        object.__setattr__(self, "_zero_terminal_snr", float(ac[-1]) == 0.0)  # read once: no host sync per step
 
     def __getstate__(self) -> dict:
         # pickles (checkpoints, DDP spawn) carry ᾱ only, not the per-device caches
@@ -86,7 +87,7 @@ class DiscreteVP(NoiseProcess):
 
     @property
     def has_zero_terminal_snr(self) -> bool:
-        return float(self.alphas_cumprod[-1]) == 0.0
+        return self._zero_terminal_snr
 
     def _finite_terminal_alpha_bar(self) -> float:
         last, before = float(self.alphas_cumprod[-1]), float(self.alphas_cumprod[-2])
@@ -177,10 +178,20 @@ class DiscreteVP(NoiseProcess):
         return ab / (1 - ab)
 
     def sample_time(self, batch: int, *, method: str = "uniform", mean: float = 0.0, std: float = 1.0,
-                    generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+                    mode_scale: float = 1.29, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> Tensor:
         """Integer timesteps (B,) in [0, T-1] (see `sample_timesteps`)."""
-        return sample_timesteps(batch, self.num_timesteps, method=method, mean=mean, std=std, generator=generator,
-                                device=device)
+        return sample_timesteps(batch, self.num_timesteps, method=method, mean=mean, std=std, mode_scale=mode_scale,
+                                generator=generator, device=device)
+
+    def validation_time(self, batch: int, *, generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> Tensor:
+        """Fractional timesteps (B,) float32 at the SNRs of uniform rectified-flow time u ~ U[0, 1): σ̃ = u/(1-u),
+        the reference noise levels every process validates on, so `val/x0_mse` compares across processes (the
+        x0 error of a denoiser depends on the noise level only through the SNR). Levels outside the schedule's
+        range are clipped to t = 0 / T-1 (without zero terminal SNR, u > 1/(1 + sqrt(SNR_{T-1})) lands on T-1)."""
+        u = torch.rand(batch, generator=generator, device=device).clamp(1e-5, 1.0).to(torch.float64)
+        return self.timestep_at_sigma(u / (1 - u)).float()
 
     def time_bucket(self, t: Tensor, buckets: int) -> Tensor:
         return (t * buckets) // self.num_timesteps
@@ -364,14 +375,20 @@ def sample_timesteps(
     method: str = "uniform",
     mean: float = 0.0,
     std: float = 1.0,
+    mode_scale: float = 1.29,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Integer timesteps (B,) in [0, T-1]. `uniform`, or `logit_normal` (Esser et al. 2024, §3.1):
-    u = sigmoid(N(mean, std²)), t = floor(u·T), so larger `mean` favours noisier timesteps."""
+    """Integer timesteps (B,) in [0, T-1]. `uniform`, `logit_normal` (Esser et al. 2024, §3.1):
+    u = sigmoid(N(mean, std²)), t = floor(u·T), so larger `mean` favours noisier timesteps, or `mode`
+    (ibid. eq. 20): u = 1 - v - mode_scale·(cos²(πv/2) - 1 + v), v ~ U[0, 1), t = floor(u·T)."""
     if method == "uniform":
         return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
-    if method == "logit_normal":
-        u = torch.sigmoid(mean + std * torch.randn(batch_size, generator=generator, device=device))
-        return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
+    if method in ("logit_normal", "mode"):
+        if method == "mode":
+            v = torch.rand(batch_size, generator=generator, device=device)
+            u = 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+        else:
+            u = torch.sigmoid(mean + std * torch.randn(batch_size, generator=generator, device=device))
+        return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
     raise ValueError(f"Unknown timestep sampling '{method}'; choose one of {', '.join(TIME_SAMPLINGS)}.")

@@ -21,6 +21,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from ldmkit.artifacts import ArtifactError, ldm_artifact, save_artifact
 from ldmkit.diffusion.objectives import DenoisingObjective
+from ldmkit.diffusion.samplers import check_sampler_supports
 from ldmkit.generator import BackboneDenoiser, TextToImage
 from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
@@ -107,6 +108,7 @@ class LatentDiffusionModule(LightningModule):
         super().__init__()
         # plain values only: checkpoints must load with weights_only=True
         self.save_hyperparameters(ignore=["backbone", "loss", "optimizer"])
+        check_sampler_supports(str((sampler or {}).get("name", "dpmpp_2m")), loss.process)  # before any validation
         # fails fast and cheaply on a missing or wrong artifact before loading anything
         self.frozen = load_frozen_encoders(autoencoder, text_encoder, clip_skip=clip_skip, text_encoder_arch=text_encoder_arch)
         self.autoencoder, self.text_encoder = self.frozen.autoencoder, self.frozen.text_encoder

@@ -1,0 +1,182 @@
+"""Rectified flow (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024 "SD3") as a `NoiseProcess`.
+
+x_t = (1 - t) x_0 + t ε on continuous t ∈ [0, 1] (t = 1 is pure noise): α = 1 - t, σ = t, α' = -1, σ' = 1,
+so the `flow` prediction is the velocity u = dx_t/dt = ε - x_0 (ldmkit.diffusion.parameterization).
+
+Conventions, chosen to match diffusers' FlowMatchEulerDiscreteScheduler and the SD3 / Flux pipelines:
+- The network's time input is 1000·t (`num_train_timesteps` · t), what diffusers hands SD3/Flux transformers
+  (its `timesteps = sigmas * num_train_timesteps`), so a VP-trained backbone sees the same [0, 1000] range.
+- Time shift (Esser et al. 2024, §5.3.2): static `shift` s maps t -> s t / (1 + (s - 1) t) (SD3: s = 3);
+  `dynamic_shift` (Flux) maps t -> e^μ / (e^μ + (1/t - 1)) with μ linear in the image's token count,
+  `base_shift`@`base_seq_len` -> `max_shift`@`max_seq_len` (diffusers `calculate_shift`); tokens =
+  (latent H / `patch_size`) · (latent W / `patch_size`), read from the latent shape (`for_shape`) or given as
+  `image_seq_len`. The shift applies to the sampling grid and, with `train_shift` (default), to training
+  times (diffusers' SD3 script trains on shifted times; its Flux script on unshifted ones: `train_shift=false`).
+- Sampling grid (`trailing` = `linspace`, the only flow grid): diffusers' own, linspace(1, t_end, steps) in
+  unshifted time, then shifted, then t = 0. t_end is diffusers' `sigma_min`: 1/1000, itself statically
+  shifted for static shift (so the end point is shifted twice, as in diffusers; 1/1000 with dynamic shift).
+- Training times: `uniform`, `logit_normal` (SD3 §3.1, t = sigmoid(N(m, s²))) and SD3's `mode`
+  (t = 1 - u - scale·(cos²(πu/2) - 1 + u)), as diffusers' `compute_density_for_timestep_sampling`, but continuous
+  (diffusers rounds to its 1000 levels), clamped to [1e-5, 1] so the SNR stays finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ldmkit.diffusion.parameterization import PathPoint
+from ldmkit.diffusion.processes import TIME_SAMPLINGS, NoiseLevel, NoiseProcess, ProcessError
+
+T_MIN = 1e-5  # training times are clamped to [T_MIN, 1]
+FLOW_SPACINGS = ("trailing", "linspace")
+
+
+def static_shift(t: Tensor | float, shift: float) -> Tensor | float:
+    """SD3's time shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23 with s = sqrt(m/n))."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def dynamic_shift_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
+                     base_seq_len: int = 256, max_seq_len: int = 4096) -> float:
+    """Flux's μ: linear in the token count through (base_seq_len, base_shift) and (max_seq_len, max_shift)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def exponential_time_shift(t: Tensor, mu: float) -> Tensor:
+    """Flux's shift t' = e^μ / (e^μ + (1/t - 1)) (= static_shift with s = e^μ); t = 0 stays 0."""
+    return static_shift(t, math.exp(mu))
+
+
+def mode_density_time(u: Tensor, scale: float) -> Tensor:
+    """SD3's mode sampling (Esser et al. 2024, eq. 20): f(u) = 1 - u - scale·(cos²(πu/2) - 1 + u)."""
+    return 1 - u - scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+
+
+@dataclass(frozen=True)
+class RectifiedFlow(NoiseProcess):
+    """x_t = (1 - t) x_0 + t ε, t ∈ [0, 1], with optional SD3 / Flux time shift (see the module docstring)."""
+
+    kind: ClassVar[str] = "rectified_flow"
+    variance_preserving: ClassVar[bool] = False
+    ode_in_process_time: ClassVar[bool] = True  # Heun integrates dx/dt = u in t (diffusers FlowMatchHeun)
+    has_time_derivatives: ClassVar[bool] = True
+    grid_options: ClassVar[tuple[str, ...]] = ("image_seq_len",)
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    dynamic_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    patch_size: int = 2
+    image_seq_len: int | None = None
+    train_shift: bool = True
+
+    def __post_init__(self) -> None:
+        if self.shift <= 0:
+            raise ValueError(f"rectified_flow shift must be > 0 (1 = no shift, SD3 uses 3.0), got {self.shift}.")
+        if self.dynamic_shift and self.shift != 1.0:
+            raise ValueError(f"rectified_flow: set either shift (static, SD3) or dynamic_shift (Flux), not both; "
+                             f"got shift={self.shift} with dynamic_shift=true.")
+        if self.num_train_timesteps < 1 or self.patch_size < 1 or self.max_seq_len <= self.base_seq_len:
+            raise ValueError("rectified_flow needs num_train_timesteps >= 1, patch_size >= 1 and "
+                             f"max_seq_len > base_seq_len; got {self.num_train_timesteps}, {self.patch_size}, "
+                             f"{self.max_seq_len} <= {self.base_seq_len}.")
+
+    # -- the path: α = 1 - t, σ = t
+    def path(self, t: Tensor) -> PathPoint:
+        t = torch.as_tensor(t)
+        t = t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+        return PathPoint(1 - t, t, torch.full_like(t, -1.0), torch.ones_like(t))
+
+    @property
+    def has_zero_terminal_snr(self) -> bool:
+        return True  # t = 1 is pure noise
+
+    def model_time(self, t: Tensor) -> Tensor:
+        return t * self.num_train_timesteps
+
+    def from_model_time(self, t_model: Tensor) -> Tensor:
+        return t_model / self.num_train_timesteps
+
+    # -- the shift
+    def for_shape(self, shape: tuple[int, ...]) -> "RectifiedFlow":
+        """With dynamic shift and no fixed `image_seq_len`: this process for latents of `shape` (B, C, H, W)."""
+        if not self.dynamic_shift or self.image_seq_len is not None or len(shape) < 4:
+            return self
+        return replace(self, image_seq_len=(shape[-2] // self.patch_size) * (shape[-1] // self.patch_size))
+
+    def mu(self, image_seq_len: int | None = None) -> float:
+        tokens = self.image_seq_len if image_seq_len is None else image_seq_len
+        if tokens is None:
+            raise ProcessError("rectified_flow with dynamic_shift needs the image's token count: pass latents through "
+                               "ldmkit.diffusion.sample (it reads their shape) or set process.image_seq_len.")
+        return dynamic_shift_mu(int(tokens), self.base_shift, self.max_shift, self.base_seq_len, self.max_seq_len)
+
+    def apply_shift(self, t: Tensor, image_seq_len: int | None = None) -> Tensor:
+        """t -> shifted t (static or dynamic; the identity when neither is set)."""
+        if self.dynamic_shift:
+            return exponential_time_shift(t, self.mu(image_seq_len))
+        return t if self.shift == 1.0 else static_shift(t, self.shift)
+
+    # -- training
+    def sample_time(self, batch: int, *, method: str = "uniform", mean: float = 0.0, std: float = 1.0,
+                    mode_scale: float = 1.29, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> Tensor:
+        """Training times (B,) float32 in [T_MIN, 1]: `uniform`, `logit_normal`(mean, std), `mode`(mode_scale),
+        the same draws as diffusers' `compute_density_for_timestep_sampling`, then shifted if `train_shift`."""
+        if method == "logit_normal":
+            u = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+        elif method in ("uniform", "mode"):
+            u = torch.rand(batch, generator=generator, device=device)
+            u = mode_density_time(u, mode_scale) if method == "mode" else u
+        else:
+            raise ValueError(f"Unknown timestep sampling '{method}'; choose one of {', '.join(TIME_SAMPLINGS)}.")
+        t = self.apply_shift(u) if self.train_shift else u
+        return t.clamp(T_MIN, 1.0)
+
+    def validation_time(self, batch: int, *, generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> Tensor:
+        """Uniform, unshifted t: the reference noise levels of every process (`NoiseProcess.validation_time`), so the
+        validation metrics compare runs with different shifts, and VP runs, on one footing."""
+        return torch.rand(batch, generator=generator, device=device).clamp(T_MIN, 1.0)
+
+    def time_bucket(self, t: Tensor, buckets: int) -> Tensor:
+        return (t * buckets).long().clamp(0, buckets - 1)
+
+    # -- sampling
+    def sampling_grid(self, steps: int, spacing: str = "trailing", *, image_seq_len: int | None = None,
+                      **unknown: Any) -> list[NoiseLevel]:
+        """diffusers' FlowMatchEulerDiscreteScheduler grid (module docstring), as `steps + 1` levels ending at t = 0."""
+        if unknown:
+            raise ProcessError(f"rectified_flow sampling grids take no option(s) {sorted(unknown)} (those are for "
+                               "discrete VP schedules); drop them from the sampler config.")
+        if spacing not in FLOW_SPACINGS:
+            raise ProcessError(f"rectified_flow samples on diffusers' flow-matching grid (spacing 'trailing' or "
+                               f"'linspace', which are the same here), got spacing='{spacing}'.")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}.")
+        t_end = 1.0 / self.num_train_timesteps
+        if not self.dynamic_shift:
+            t_end = float(self.apply_shift(torch.tensor(t_end, dtype=torch.float64)))  # diffusers' sigma_min
+        u = torch.linspace(1.0, t_end, steps, dtype=torch.float64)
+        ts = self.apply_shift(u, image_seq_len).tolist()
+        levels = [NoiseLevel.from_alpha_sigma(t, 1.0 - t, t, -1.0, 1.0) for t in ts]
+        return levels + [NoiseLevel.from_alpha_sigma(0.0, 1.0, 0.0, -1.0, 1.0)]
+
+    # -- artifacts
+    def to_artifact(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        fields = ("num_train_timesteps", "shift", "dynamic_shift", "base_shift", "max_shift", "base_seq_len",
+                  "max_seq_len", "patch_size", "image_seq_len", "train_shift")
+        return {"kind": self.kind, **{name: getattr(self, name) for name in fields}}, {}
+
+    @classmethod
+    def from_artifact(cls, config: dict[str, Any], tensors: dict[str, Tensor]) -> "RectifiedFlow":
+        return cls(**{k: v for k, v in config.items() if k not in ("kind", "prediction")})
