@@ -22,6 +22,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldmkit.artifacts import PRODUCERS, ArtifactError, read_artifact_config
 from ldmkit.diffusion import SAMPLERS
+from ldmkit.diffusion.processes import ProcessError, process_class
+from ldmkit.diffusion.samplers import VP_ONLY_SAMPLERS
 from ldmkit.eval.errors import EvalConfigError
 from ldmkit.eval.metrics import EvalContext, MetricSlot, build_metrics
 from ldmkit.eval.sampling import Setting, settings_grid
@@ -87,6 +89,20 @@ def check_samplers(names: Sequence[Any], key: str = "samplers") -> list[str]:
         raise EvalConfigError(f"Unknown sampler {', '.join(map(repr, unknown))} in {key}; valid samplers: "
                               f"{', '.join(SAMPLERS)}.")
     return [str(n) for n in names]
+
+
+def check_samplers_fit_process(samplers: Sequence[str], ldm_config: dict[str, Any]) -> None:
+    """Samplers written for variance-preserving processes (ddpm, ddim) are refused for a rectified-flow model."""
+    kind = (ldm_config.get("process") or {}).get("kind", "vp_discrete")  # v1 artifacts: discrete VP
+    try:
+        variance_preserving = process_class(kind).variance_preserving
+    except ProcessError as err:
+        raise EvalConfigError(str(err)) from err
+    unfit = [s for s in samplers if s in VP_ONLY_SAMPLERS]
+    if unfit and not variance_preserving:
+        raise EvalConfigError(f"{', '.join(unfit)}: defined for variance-preserving processes only, and this model's "
+                              f"process is '{kind}'. Use euler (DDIM with η=0 on any path) or euler_a (ancestral "
+                              "sampling) instead.")
 
 
 def check_steps(values: Sequence[Any]) -> list[int]:
@@ -301,6 +317,7 @@ def plan_sampled_sets(cfg: DictConfig) -> SampledSetsPlan:
     output_dir = check_output_dir(cfg)
     ckpt, ldm_config = check_ckpt(cfg.get("ckpt"))
     samplers = check_samplers(as_list(cfg.get("samplers")))
+    check_samplers_fit_process(samplers, ldm_config)
     settings = settings_grid(samplers, check_steps(as_list(cfg.get("steps"))), check_guidance(as_list(cfg.get("guidance"))))
     height, width = check_size(cfg, ldm_config)
     batch_size = check_positive_int(cfg, "batch_size")
@@ -379,6 +396,7 @@ def plan_txt2img(cfg: DictConfig) -> Txt2ImgPlan:
         raise EvalConfigError('task=txt2img needs a prompt: prompt="a red circle on the left".')
     group = cfg.get("sampler") or {}
     sampler = check_samplers([group.get("name")], key="sampler")[0]
+    check_samplers_fit_process([sampler], ldm_config)
     setting = Setting(sampler, _single("steps", check_steps(as_list(cfg.get("steps")))),
                       _single("guidance", check_guidance(as_list(cfg.get("guidance")))))
     height, width = check_size(cfg, ldm_config)
