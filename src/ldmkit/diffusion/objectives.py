@@ -41,9 +41,16 @@ def noise_along_path(point: PathPoint, x0: Tensor, noise: Tensor) -> Tensor:
     return p.alpha * x0 + p.sigma * noise
 
 
+def _has_time_derivatives(process: NoiseProcess) -> bool:
+    if process.has_time_derivatives is not None:
+        return process.has_time_derivatives
+    t = process.sample_time(1, generator=torch.Generator().manual_seed(0))  # a private generator: no global draw
+    return process.path(t).d_alpha is not None
+
+
 def check_process_prediction(process: NoiseProcess, prediction: str) -> None:
     """Fail at construction, with the reason, where a (process, prediction) pair cannot train or sample."""
-    if prediction in DERIVATIVE_PREDICTIONS and not process.has_time_derivatives:
+    if prediction in DERIVATIVE_PREDICTIONS and not _has_time_derivatives(process):
         raise ValueError(
             f"prediction='{prediction}' is the velocity dx_t/dt of a continuous-time path, which process kind "
             f"'{process.kind}' does not define (its discrete timesteps have no α'(t), σ'(t)). Use "
@@ -109,9 +116,9 @@ class DenoisingObjective:
             )
         batch, device = x0.shape[0], x0.device
         process = self.process.for_shape(tuple(x0.shape))
+        mode = {"mode_scale": self.mode_scale} if self.timestep_sampling == "mode" else {}
         t = process.sample_time(batch, method=self.timestep_sampling, mean=self.logit_normal_mean,
-                                std=self.logit_normal_std, mode_scale=self.mode_scale, generator=generator,
-                                device=device)
+                                std=self.logit_normal_std, generator=generator, device=device, **mode)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         if self.offset_noise:
             offset_shape = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (B, C, 1, 1)

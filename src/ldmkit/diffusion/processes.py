@@ -104,7 +104,7 @@ class NoiseProcess:
 
     kind: str = "abstract"
     variance_preserving: bool = False
-    has_time_derivatives: bool = False  # levels carry (α', σ'): the `flow` prediction is defined
+    has_time_derivatives: bool | None = None  # path carries (α', σ') (`flow` is defined); None: ask `path`
     ode_in_process_time: bool = False  # Heun integrates dx/dt in the process's t (else dx̃/dσ̃, Karras et al.)
     grid_options: tuple[str, ...] = ()  # keyword options of `sampling_grid` besides steps and spacing
 
