@@ -1,4 +1,4 @@
-"""`python -m ldmkit.cli.judge --cache-dir DIR` (also `python -m ldmkit.eval.attributes`): train (or reuse)
+"""`python -m ldmkit.cli.judge --cache-dir DIR`: train (or reuse)
 the shapes attribute classifier that judges prompt-following (`ldmkit.eval.attributes`)."""
 
 from __future__ import annotations

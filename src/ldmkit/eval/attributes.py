@@ -114,9 +114,3 @@ def load_attribute_classifier(cache_dir: str | Path, resolution: int = 32, steps
     tmp.replace(path)
     log.info("trained the %s attribute classifier in %.0f s → %s", task["name"], time.perf_counter() - start, path)
     return model
-
-
-if __name__ == "__main__":  # `python -m ldmkit.eval.attributes`: the command lives in ldmkit.cli.judge
-    from ldmkit.cli.judge import main
-
-    raise SystemExit(main())

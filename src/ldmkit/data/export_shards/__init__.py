@@ -233,9 +233,3 @@ def export_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [out / p.name for p in shards]
-
-
-if __name__ == "__main__":  # `python -m ldmkit.data.export_shards`: the command lives in ldmkit.cli
-    from ldmkit.cli.export_shards import main
-
-    main()
