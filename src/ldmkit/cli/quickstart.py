@@ -5,7 +5,9 @@ under --out, skipping a stage whose artifact already exists (so an interrupted q
 where it stopped; pass --force to retrain). The autoencoder and CLIP stages do not depend on each
 other, so they run side by side, each on half of the CPU threads (one each on a 2-core machine,
 where two one-thread processes get more done than one two-thread process); their output goes to
-``--out/<stage>.log``. The CLIP lane then trains the attribute classifier that judges the samples.
+``--out/<stage>.log`` while the console shows one live line per lane (step / total, elapsed, ETA: read from
+the ``progress.json`` each run writes, `ldmkit.progress`). The CLIP lane then trains the attribute classifier
+that judges the samples.
 The LDM stage gets the whole machine. Finally the quickstart samples a grid of held-out prompts
 and measures colour/shape accuracy with that independent classifier.
 """
@@ -21,12 +23,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from ldmkit.config import project_root
+from ldmkit.progress import PROGRESS_FILE, LaneDisplay, StepStatus
 
 ROOT = project_root()  # the checkout (where train.py is), or the current folder for an installed wheel
 # `python train.py` in a checkout (the command a user types there), `python -m ldmkit.cli.train` otherwise
@@ -43,6 +47,7 @@ class Step:
     args: list[str]
     done: Path | None
     env: dict[str, str] = field(default_factory=dict)
+    progress: Path | None = None  # the progress.json the run writes (ldmkit.lit.progress.ProgressFile), if any
 
     def shown(self) -> str:
         env = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()) if k == "OMP_NUM_THREADS")
@@ -68,16 +73,26 @@ def thread_env(threads: int | None) -> dict[str, str]:
 
 def train_step(name: str, overrides: list[str], out: Path, threads: int | None = None) -> Step:
     run_dir = out / name
-    return Step(name, [*TRAIN, *overrides, f"hydra.run.dir={run_dir}"], run_dir / "artifact" / "config.json", thread_env(threads))
+    return Step(name, [*TRAIN, *overrides, f"hydra.run.dir={run_dir}"], run_dir / "artifact" / "config.json",
+                thread_env(threads), run_dir / PROGRESS_FILE)
 
 
-def run_step(step: Step, force: bool, log: Path | None = None) -> float:
-    """Run `step` (output to `log`, or to the console); 0.0 when its result exists and not `force`."""
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_step(step: Step, force: bool, log: Path | None = None, status: StepStatus | None = None,
+             message: Callable[[str], None] = say) -> float:
+    """Run `step` (output to `log`, or to the console); 0.0 when its result exists and not `force`. `status` (for
+    the live display) follows the step; `message` prints the quickstart's own lines."""
+    status = status or StepStatus(step.name, step.progress)
     if step.done is not None and step.done.is_file() and not force:
-        print(f"[quickstart] {step.name}: reusing {step.done.parent} (pass --force to redo)", flush=True)
+        status.finish("reused")
+        message(f"[quickstart] {step.name}: reusing {step.done.parent} (pass --force to redo)")
         return 0.0
     where = f"   (output: {log})" if log else ""
-    print(f"[quickstart] {step.name}: {step.shown()}{where}", flush=True)
+    message(f"[quickstart] {step.name}: {step.shown()}{where}")
+    status.start()
     script = step.args[0]
     command = [sys.executable, *([str(ROOT / script)] if script.endswith(".py") else [script]), *step.args[1:]]
     env = {**os.environ, **step.env}
@@ -89,25 +104,41 @@ def run_step(step: Step, force: bool, log: Path | None = None) -> float:
         with open(log, "w") as handle:
             result = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
+        status.finish("failed")
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:]) if log else ""
         raise StageFailed(f"{step.name} failed (exit {result.returncode}); command: {step.shown()}"
                           + (f"\nlast lines of {log}:\n{tail}" if log else ""))
     elapsed = time.perf_counter() - start
-    print(f"[quickstart] {step.name}: done in {elapsed:.0f} s", flush=True)
+    status.finish("done")
+    message(f"[quickstart] {step.name}: done in {elapsed:.0f} s")
     return elapsed
 
 
-def run_lanes(lanes: Sequence[Sequence[Step]], out: Path, force: bool) -> dict[str, float]:
+def run_lanes(lanes: Sequence[Sequence[Step]], out: Path, force: bool, *, stream: TextIO | None = None,
+              interactive: bool | None = None, every: float = 30.0, poll: float = 1.0) -> dict[str, float]:
     """Run each lane's steps in order, the lanes at the same time. Every lane runs to its end (or its
-    first failure) before a failure is raised, so the artifacts that did get made are kept and reused."""
+    first failure) before a failure is raised, so the artifacts that did get made are kept and reused.
 
-    def run_lane(lane: Sequence[Step]) -> dict[str, float]:
-        return {step.name: run_step(step, force, out / f"{step.name}.log") for step in lane}
+    Meanwhile the console (`stream`) shows one line per lane (`ldmkit.progress.LaneDisplay`): redrawn every
+    `poll` seconds in place on a terminal, printed every `every` seconds elsewhere. The lanes' processes do
+    nothing for it beyond writing their progress.json."""
+    statuses = [[StepStatus(step.name, step.progress) for step in lane] for lane in lanes]
+    display = LaneDisplay(statuses, stream, interactive=interactive, every=every)
+
+    def run_lane(lane: Sequence[Step], status: Sequence[StepStatus]) -> dict[str, float]:
+        return {step.name: run_step(step, force, out / f"{step.name}.log", s, display.message)
+                for step, s in zip(lane, status)}
 
     timings: dict[str, float] = {}
     errors: list[str] = []
     with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
-        for future in [pool.submit(run_lane, lane) for lane in lanes]:
+        futures = [pool.submit(run_lane, lane, status) for lane, status in zip(lanes, statuses)]
+        try:
+            while wait(futures, timeout=poll).not_done:
+                display.tick()
+        finally:
+            display.close()
+        for future in futures:
             try:
                 timings.update(future.result())
             except StageFailed as error:
@@ -123,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain stages whose artifact exists")
     parser.add_argument("--logger", default="csv", help="logger config for the three runs (csv, wandb, tensorboard, none)")
     parser.add_argument("--sequential", action="store_true", help="run the autoencoder and CLIP stages one after the other")
+    parser.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                        help="when the output is not a terminal: print the lanes' progress lines this often")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                  None, thread_env(lane_threads))  # trains once, then reuses its file
     lanes = [[autoencoder, clip, judge]] if args.sequential else [[autoencoder], [clip, judge]]
     try:
-        timings = run_lanes(lanes, out, args.force)
+        timings = run_lanes(lanes, out, args.force, every=args.progress_every)
         timings["autoencoder+clip+judge"] = time.perf_counter() - start
         ae_artifact, clip_artifact = autoencoder.done.parent, clip.done.parent
         ldm = train_step("ldm", ["experiment=quickstart_ldm", f"logger={args.logger}", f"model.autoencoder={ae_artifact}",

@@ -12,9 +12,13 @@ Conventions, chosen to match diffusers' FlowMatchEulerDiscreteScheduler and the 
   (latent H / `patch_size`) · (latent W / `patch_size`), read from the latent shape (`for_shape`) or given as
   `image_seq_len`. The shift applies to the sampling grid and, with `train_shift` (default), to training
   times (diffusers' SD3 script trains on shifted times; its Flux script on unshifted ones: `train_shift=false`).
-- Sampling grid (`trailing` = `linspace`, the only flow grid): diffusers' own, linspace(1, t_end, steps) in
+- Sampling grid (`trailing` = `linspace`, the default): diffusers' own, linspace(1, t_end, steps) in
   unshifted time, then shifted, then t = 0. t_end is diffusers' `sigma_min`: 1/1000, itself statically
   shifted for static shift (so the end point is shifted twice, as in diffusers; 1/1000 with dynamic shift).
+  `karras` (ρ = `rho`), `exponential` (uniform in log t) and `beta` (Beta(0.6, 0.6) quantiles) place the steps
+  between that grid's end points (or `sigma_min` / `sigma_max`, in t: σ = t on this path) instead, as diffusers'
+  `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas` do: the shift then moves only the end
+  points. `leading` (a discrete-timestep spacing) and `steps_offset` are VP-only.
 - Training times: `uniform`, `logit_normal` (SD3 §3.1, t = sigmoid(N(m, s²))) and SD3's `mode`
   (t = 1 - u - scale·(cos²(πu/2) - 1 + u)), as diffusers' `compute_density_for_timestep_sampling`, but continuous
   (diffusers rounds to its 1000 levels), clamped to [1e-5, 1] so the SNR stays finite.
@@ -30,10 +34,13 @@ import torch
 from torch import Tensor
 
 from ldmkit.diffusion.parameterization import PathPoint
-from ldmkit.diffusion.processes import TIME_SAMPLINGS, NoiseLevel, NoiseProcess, ProcessError
+from ldmkit.diffusion.processes import (
+    TIME_SAMPLINGS, NoiseLevel, NoiseProcess, ProcessError, beta_sigmas, exponential_sigmas, karras_sigmas,
+)
 
 T_MIN = 1e-5  # training times are clamped to [T_MIN, 1]
-FLOW_SPACINGS = ("trailing", "linspace")
+T_SPACINGS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}  # between end points
+FLOW_SPACINGS = ("trailing", "linspace", *T_SPACINGS)
 
 
 def static_shift(t: Tensor | float, shift: float) -> Tensor | float:
@@ -66,7 +73,7 @@ class RectifiedFlow(NoiseProcess):
     variance_preserving: ClassVar[bool] = False
     ode_in_process_time: ClassVar[bool] = True  # Heun integrates dx/dt = u in t (diffusers FlowMatchHeun)
     has_time_derivatives: ClassVar[bool] = True
-    grid_options: ClassVar[tuple[str, ...]] = ("image_seq_len",)
+    grid_options: ClassVar[tuple[str, ...]] = ("image_seq_len", "sigma_min", "sigma_max", "rho")
 
     num_train_timesteps: int = 1000
     shift: float = 1.0
@@ -153,23 +160,45 @@ class RectifiedFlow(NoiseProcess):
 
     # -- sampling
     def sampling_grid(self, steps: int, spacing: str = "trailing", *, image_seq_len: int | None = None,
+                      sigma_min: float | None = None, sigma_max: float | None = None, rho: float | None = None,
                       **unknown: Any) -> list[NoiseLevel]:
-        """diffusers' FlowMatchEulerDiscreteScheduler grid (module docstring), as `steps + 1` levels ending at t = 0."""
+        """`steps + 1` levels ending at t = 0: diffusers' FlowMatchEulerDiscreteScheduler grid, or its karras /
+        exponential / beta variants between that grid's end points (module docstring)."""
         if unknown:
             raise ProcessError(f"rectified_flow sampling grids take no option(s) {sorted(unknown)} (those are for "
                                "discrete VP schedules); drop them from the sampler config.")
         if spacing not in FLOW_SPACINGS:
-            raise ProcessError(f"rectified_flow samples on diffusers' flow-matching grid (spacing 'trailing' or "
-                               f"'linspace', which are the same here), got spacing='{spacing}'.")
+            raise ProcessError(f"rectified_flow has no spacing '{spacing}' (a discrete-timestep spacing of VP "
+                               f"schedules); choose one of {', '.join(FLOW_SPACINGS)} (trailing = linspace here: "
+                               "diffusers' flow-matching grid).")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
         t_end = 1.0 / self.num_train_timesteps
         if not self.dynamic_shift:
             t_end = float(self.apply_shift(torch.tensor(t_end, dtype=torch.float64)))  # diffusers' sigma_min
-        u = torch.linspace(1.0, t_end, steps, dtype=torch.float64)
-        ts = self.apply_shift(u, image_seq_len).tolist()
-        levels = [NoiseLevel.from_alpha_sigma(t, 1.0 - t, t, -1.0, 1.0) for t in ts]
+        ts = self.apply_shift(torch.linspace(1.0, t_end, steps, dtype=torch.float64), image_seq_len)
+        if spacing in T_SPACINGS:
+            ts = self._spaced(spacing, steps, float(ts[-1]), float(ts[0]), sigma_min, sigma_max, rho)
+        elif sigma_min is not None or sigma_max is not None or rho is not None:
+            raise ProcessError(f"sigma_min / sigma_max / rho apply to spacing {', '.join(T_SPACINGS)} (rho to karras "
+                               f"only), not to spacing='{spacing}'; drop them or pick one of those spacings.")
+        levels = [NoiseLevel.from_alpha_sigma(t, 1.0 - t, t, -1.0, 1.0) for t in ts.tolist()]
         return levels + [NoiseLevel.from_alpha_sigma(0.0, 1.0, 0.0, -1.0, 1.0)]
+
+    @staticmethod
+    def _spaced(spacing: str, steps: int, lo: float, hi: float, sigma_min: float | None, sigma_max: float | None,
+                rho: float | None) -> Tensor:
+        """`steps` times from `hi` down to `lo` (or sigma_max / sigma_min: t on this path) by `spacing`."""
+        lo = lo if sigma_min is None else float(sigma_min)
+        hi = hi if sigma_max is None else float(sigma_max)
+        if not (0 < lo <= hi <= 1 and (lo < hi or steps == 1)):
+            raise ProcessError(f"spacing='{spacing}' on rectified_flow needs 0 < sigma_min < sigma_max <= 1 (times t, "
+                               f"σ = t on this path; default: the shifted grid's end points), got {lo} and {hi}.")
+        if spacing == "karras":
+            return karras_sigmas(steps, lo, hi, 7.0 if rho is None else float(rho))
+        if rho is not None:
+            raise ProcessError(f"rho shapes the karras spacing only, not spacing='{spacing}'; drop it.")
+        return T_SPACINGS[spacing](steps, lo, hi)
 
     # -- artifacts
     def to_artifact(self) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -215,3 +215,12 @@ def exponential_sigmas(steps: int, sigma_min: float, sigma_max: float) -> Tensor
     if steps == 1:
         return torch.tensor([sigma_max], dtype=torch.float64)
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+
+
+def beta_sigmas(steps: int, sigma_min: float, sigma_max: float, a: float = 0.6, b: float = 0.6) -> Tensor:
+    """Lee et al. 2024 ("Beta Sampling is All You Need"): σ_i = σ_min + F⁻¹_Beta(a,b)(1 - i/(n-1)) (σ_max - σ_min),
+    descending (float64): dense at both ends of the range for a, b < 1 (diffusers' `use_beta_sigmas`, a = b = 0.6)."""
+    from scipy.stats import beta  # scipy is a dependency of ldmkit; imported here, only where used
+
+    quantiles = 1 - torch.linspace(0, 1, steps, dtype=torch.float64)
+    return sigma_min + torch.from_numpy(beta.ppf(quantiles.numpy(), a, b)).to(torch.float64) * (sigma_max - sigma_min)

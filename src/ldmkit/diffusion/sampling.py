@@ -55,7 +55,8 @@ def sample(
     noise:      N(0, I); it is x_T for every sampler, so the same noise gives paired comparisons across samplers.
     sampler:    a key of `SAMPLERS`: ddpm, ddim, plms, dpmpp_2m, dpmpp_2m_sde, unipc, euler, euler_a, heun, lms.
     spacing:    the grid: `trailing` (default for every sampler: starts at t = T-1, required for
-                zero-terminal-SNR schedules, Lin et al. 2023), `leading`, `linspace`, `karras`, `exponential`.
+                zero-terminal-SNR schedules, Lin et al. 2023), `leading`, `linspace`, `karras`, `exponential`;
+                on rectified flow `trailing` (= `linspace`), `karras`, `exponential`, `beta` (its module docstring).
     generator:  torch.Generator (or one per sample) for the stochastic samplers' fresh noise.
     callback:   `callback(i, n, x, x0)` after step i of n with the new x and that step's x̂_0.
     options:    sampler options (`eta` for ddim / euler_a / dpmpp_2m_sde, `order` for lms / unipc,
