@@ -69,7 +69,7 @@ def ours_loop(files: list[Path], extractor, batch: int):
     import torch
 
     from ldmkit.eval.features.common import stack_images
-    from ldmkit.eval.fid import read_image_uint8
+    from ldmkit.eval.reference_stats import read_image_uint8
 
     out = [extractor(stack_images([read_image_uint8(f) for f in files[i : i + batch]])) for i in range(0, len(files), batch)]
     return torch.cat(out)

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torch_fidelity
 
-    from ldmkit.eval.fid import InceptionFeatureExtractor, folder_feature_stats
+    from ldmkit.eval.inception import InceptionFeatureExtractor
+    from ldmkit.eval.reference_stats import folder_feature_stats
     from tests.eval.conftest import random_inception_state_dict, write_png_folder
 
     common.header("FID throughput: ldmkit.eval.fid vs torch_fidelity.calculate_metrics", device=args.device)

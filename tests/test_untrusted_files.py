@@ -43,26 +43,26 @@ def write_malicious(path: Path, marker: Path, fmt: str) -> Path:
 
 
 def _inception_explicit(path: Path, tmp_path: Path, monkeypatch) -> None:
-    from ldmkit.eval.fid import InceptionFeatureExtractor
+    from ldmkit.eval.inception import InceptionFeatureExtractor
 
     InceptionFeatureExtractor(path)
 
 
 def _inception_env(path: Path, tmp_path: Path, monkeypatch) -> None:
-    from ldmkit.eval import fid
+    from ldmkit.eval import inception
 
-    monkeypatch.setenv(fid.INCEPTION_WEIGHTS_ENV, str(path))
-    fid.InceptionFeatureExtractor()
+    monkeypatch.setenv(inception.INCEPTION_WEIGHTS_ENV, str(path))
+    inception.InceptionFeatureExtractor()
 
 
 def _inception_hub_cache(path: Path, tmp_path: Path, monkeypatch) -> None:
-    from ldmkit.eval import fid
+    from ldmkit.eval import inception
 
-    hub = fid.hub_inception_weights_path()
+    hub = inception.hub_inception_weights_path()
     hub.parent.mkdir(parents=True, exist_ok=True)
     path.rename(hub)
     assert hub.name == path.name
-    fid.InceptionFeatureExtractor()
+    inception.InceptionFeatureExtractor()
 
 
 def _feature_stats_cache(path: Path, tmp_path: Path, monkeypatch) -> None:

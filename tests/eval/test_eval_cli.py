@@ -159,11 +159,11 @@ def no_sampling(monkeypatch):
 
 @pytest.fixture
 def empty_hub(tmp_path, monkeypatch):
-    from ldmkit.eval import fid
+    from ldmkit.eval import inception
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV, raising=False)
 
 
 def _bad_inputs(tiny_artifacts, tmp_path) -> dict:

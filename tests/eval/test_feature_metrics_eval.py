@@ -14,7 +14,7 @@ from ldmkit.eval.distribution import cmmd, density_coverage, frechet_feature_dis
 from ldmkit.eval.features.clip import CLIPImageFeatureExtractor
 from ldmkit.eval.features.common import FeatureSet
 from ldmkit.eval.features.dinov2 import DINOV2_ENV, DINOv2FeatureExtractor
-from ldmkit.eval.fid import read_image_uint8
+from ldmkit.eval.reference_stats import read_image_uint8
 from ldmkit.eval.plan import EvalConfigError
 from tests.eval.test_eval_cli import TINY, run_eval
 

@@ -4,17 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from ldmkit.eval import fid
-from ldmkit.eval.fid import (
+from ldmkit.eval import inception
+from ldmkit.eval.fid import FeatureStats
+from ldmkit.eval.inception import (
     INCEPTION_WEIGHTS_FILENAME,
     INCEPTION_WEIGHTS_URL,
-    FeatureStats,
     InceptionFeatureExtractor,
     InceptionWeightsNotFoundError,
-    folder_feature_stats,
-    reference_stats,
     resolve_inception_weights,
 )
+from ldmkit.eval.reference_stats import folder_feature_stats, reference_stats
 
 
 @pytest.fixture
@@ -22,7 +21,7 @@ def empty_hub(tmp_path, monkeypatch):
     """Point the torch hub cache at an empty folder and unset the env override."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV, raising=False)
     return tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
 
 
@@ -59,7 +58,7 @@ def test_missing_weights_error_names_file_locations_and_fix(tmp_path, empty_hub)
         InceptionFeatureExtractor(tmp_path / "nowhere.pth")
     message = str(info.value)
     for expected in (INCEPTION_WEIGHTS_FILENAME, INCEPTION_WEIGHTS_URL, str(empty_hub),
-                     str(tmp_path / "nowhere.pth"), "eval.inception_path=", fid.INCEPTION_WEIGHTS_ENV):
+                     str(tmp_path / "nowhere.pth"), "eval.inception_path=", inception.INCEPTION_WEIGHTS_ENV):
         assert expected in message
     assert isinstance(info.value, FileNotFoundError)
 
@@ -68,10 +67,10 @@ def test_weights_resolution_order(tmp_path, empty_hub, monkeypatch):
     explicit, env = tmp_path / "explicit.pth", tmp_path / "env.pth"
     explicit.write_bytes(b"x")
     env.write_bytes(b"x")
-    monkeypatch.setenv(fid.INCEPTION_WEIGHTS_ENV, str(env))
+    monkeypatch.setenv(inception.INCEPTION_WEIGHTS_ENV, str(env))
     assert resolve_inception_weights(explicit) == explicit
     assert resolve_inception_weights(None) == env
-    monkeypatch.delenv(fid.INCEPTION_WEIGHTS_ENV)
+    monkeypatch.delenv(inception.INCEPTION_WEIGHTS_ENV)
     with pytest.raises(InceptionWeightsNotFoundError):
         resolve_inception_weights(None)
 
@@ -190,21 +189,21 @@ def test_inception_weights_are_read_safely_checked_and_safetensors_give_the_same
 
     monkeypatch.setattr(torch, "load", guarded_load)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    with pytest.warns(fid.UnofficialInceptionWeightsWarning, match="NOT comparable to published numbers"):
+    with pytest.warns(inception.UnofficialInceptionWeightsWarning, match="NOT comparable to published numbers"):
         from_pth = InceptionFeatureExtractor(inception_weights)
     assert from_pth.official is False and tf_inception.load_state_dict_from_url is hook  # hook restored
 
     state = torch.load(inception_weights, weights_only=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "inception.safetensors"))
-    with pytest.warns(fid.UnofficialInceptionWeightsWarning):
+    with pytest.warns(inception.UnofficialInceptionWeightsWarning):
         from_safetensors = InceptionFeatureExtractor(tmp_path / "inception.safetensors")
     assert torch.equal(from_pth(images), from_safetensors(images))
 
     # the official file's hash: no warning (pretend the test file is it)
-    monkeypatch.setattr(fid, "INCEPTION_WEIGHTS_SHA256", from_pth.sha256)
+    monkeypatch.setattr(inception, "INCEPTION_WEIGHTS_SHA256", from_pth.sha256)
     recwarn.clear()
     assert InceptionFeatureExtractor(inception_weights).official is True
-    assert not [w for w in recwarn if issubclass(w.category, fid.UnofficialInceptionWeightsWarning)]
+    assert not [w for w in recwarn if issubclass(w.category, inception.UnofficialInceptionWeightsWarning)]
 
 
 def test_inception_weights_with_other_keys_fail_clearly(tmp_path, empty_hub):

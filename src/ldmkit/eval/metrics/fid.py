@@ -16,7 +16,7 @@ from ldmkit.eval.metrics.base import Column, EvalContext, Metric, Row, SampledBa
 
 def resolve_inception(explicit: Any) -> Path:
     """The Inception weights file (`inception_path=`, $LDMKIT_INCEPTION_WEIGHTS, the torch hub cache)."""
-    from ldmkit.eval.fid import INCEPTION_WEIGHTS_FILENAME, InceptionWeightsNotFoundError, resolve_inception_weights
+    from ldmkit.eval.inception import INCEPTION_WEIGHTS_FILENAME, InceptionWeightsNotFoundError, resolve_inception_weights
 
     if explicit and not Path(str(explicit)).expanduser().is_file():
         raise EvalConfigError(
@@ -41,7 +41,8 @@ class InceptionReference:
 
     @classmethod
     def build(cls, weights: Path, context: EvalContext) -> InceptionReference:
-        from ldmkit.eval.fid import InceptionFeatureExtractor, reference_stats
+        from ldmkit.eval.inception import InceptionFeatureExtractor
+        from ldmkit.eval.reference_stats import reference_stats
 
         extractor = InceptionFeatureExtractor(weights, device=context.device)
         dm = context.datamodule
