@@ -171,7 +171,7 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """`eval.py`: sampled sets scored side by side (task=sampled_sets: FID, KID, CLIP score, prompt accuracy,
     NFE, s/image, memory; report.md/html in the run folder) or txt2img PNGs (task=txt2img); (metrics, objects)."""
-    from ldmkit.eval.plan import check_task
+    from ldmkit.eval.checks import check_task
 
     if check_task(cfg.get("task", "sampled_sets")) == "txt2img":
         from ldmkit.eval.txt2img_task import run_txt2img

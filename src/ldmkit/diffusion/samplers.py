@@ -1,5 +1,8 @@
 """Samplers: small functions `(denoiser, x_T, process, steps, *, generator, callback, **options) -> x_0`.
 
+One file on purpose (over 400 lines): the ten samplers share the conventions written below and the private
+step helpers, and are meant to be read and compared side by side; each stays a short function.
+
 `process` (the argument is still called `schedule`) is any `ldmkit.diffusion.processes.NoiseProcess`: every
 sampler is written in α, σ, λ and σ̃ = σ/α of the grid's `NoiseLevel`s, so it runs on any x = α x_0 + σ ε path,
 except `ddpm` and `ddim`, whose updates are written in ᾱ for variance-preserving processes and say so
