@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_ENV = "LDMKIT_CONF"
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers conf/ uses: `${run_id:}`, a short random id that makes each run folder unique
+    (ldmkit.lit.run_folder). Cached: every use inside one composed config (and a multirun's jobs, which copy
+    the cache) agrees."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True)
+
+
+register_resolvers()
 
 
 class ConfigError(ValueError):

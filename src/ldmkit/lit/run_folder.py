@@ -1,6 +1,6 @@
 """One run, one folder: unique default run folders and a lock held for the life of a run.
 
-- `${run_id:}` (an OmegaConf resolver, registered on import, cached per composed config like Hydra's
+- `${run_id:}` (an OmegaConf resolver, registered by ldmkit.config on import, cached per composed config like Hydra's
   `${now:}`): a short random suffix for the default `hydra.run.dir` / `hydra.sweep.dir`, so two runs
   started in the same second get two folders (conf/hydra/default.yaml).
 - `acquire_run_folder(folder)`: an exclusive `flock` on `<folder>/.ldmkit.lock`. The kernel releases
@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from ldmkit.config import register_resolvers
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -37,9 +38,7 @@ LOCK_NAME = ".ldmkit.lock"
 # rank variables of the launchers ldmkit supports: torchrun, Lightning's own, SLURM (srun)
 _RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 
-if not OmegaConf.has_resolver("run_id"):
-    # cached: every use inside one composed config (and a multirun's jobs, which copy the cache) agrees
-    OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True)
+register_resolvers()  # ${run_id:} (ldmkit.config), for train.py, which composes through Hydra itself
 
 
 class RunFolderBusyError(RuntimeError):
