@@ -299,3 +299,16 @@ def quiet_lightning() -> None:
     for pattern in (".*does not have many workers.*", ".*train_dataloader.*", ".*val_dataloader.*",
                     ".*validation_step.*", ".*LeafSpec.*", ".*litlogger.*", ".*max_epochs.*"):
         warnings.filterwarnings("ignore", pattern)
+
+
+# ---- bench scripts as modules ----------------------------------------------------------------------
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench scripts are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

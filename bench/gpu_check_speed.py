@@ -17,7 +17,6 @@ process (bf16 for bf16 autocast). In compile mode only ldmkit's net is compiled 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
+import train_step_pair as pair  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,24 +47,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_bench(name: str):
-    """bench/<name>.py as a module (the bench scripts are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_pair(args: argparse.Namespace):
-    """(bench module, [ldmkit Impl, diffusers Impl], batch), both nets uncompiled."""
+    """([ldmkit Impl, diffusers Impl], batch) built by the arch's bench script, both nets uncompiled."""
     common_args = ["--preset", args.preset, "--latent-size", str(args.latent_size), "--batch", str(args.batch),
                    "--context-len", str(args.context_len), "--device", args.device]
     if args.arch == "unet":
-        bench = load_bench("unet_train_step")
+        bench = common.load_bench("unet_train_step")
         impls, batch = bench.build(bench.parse_args(common_args))
     else:
-        bench = load_bench("transformer_train_step")
+        bench = common.load_bench("transformer_train_step")
         if args.arch == "dit":  # the position table laid out for the benchmarked latent size, as PixArt-512 does
             import dataclasses
 
@@ -74,38 +63,29 @@ def build_pair(args: argparse.Namespace):
             if args.preset in presets:
                 presets[args.preset] = dataclasses.replace(presets[args.preset], sample_size=args.latent_size)
         impls, batch = bench.build(args.arch, bench.parse_args(common_args + ["--arch", args.arch]))
-    return bench, impls, batch
+    return impls, batch
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_mib(bench, impl, batch, dtype: str, device: torch.device) -> float:
+def peak_mib(impl, batch, dtype: str, device: torch.device) -> float:
     if device.type != "cuda":
         return float("nan")  # CPU: bench/*_train_step.py measure it in a fresh process; not worth a quick check
-    bench.train_step(impl, batch, dtype)
-    impl.optimizer.zero_grad(set_to_none=True)  # gradients count as step memory
-    with common.peak_memory(str(device)) as mem:
-        bench.train_step(impl, batch, dtype)
-    return mem["peak_mib"]
+    return pair.step_memory_mib(impl, batch, dtype, str(device))
 
 
-def run_mode(bench, impls, batch, args, mode: str, peak: float, flops_per_sample: float) -> dict:
+def run_mode(impls, batch, args, mode: str, peak: float, flops_per_sample: float) -> dict:
     device = batch["x"].device
     compile_s = {}
     for impl in impls:
         compiled = mode == "compile" and (impl.name == "ldmkit" or args.peer_compile)
         impl.net = torch.compile(impl.model, backend=args.compile_backend, mode=args.compile_mode) if compiled else impl.model
         if compiled:  # the first step compiles forward and backward
-            sync(device)
+            pair.sync(device)
             start = time.perf_counter()
-            bench.train_step(impl, batch, args.dtype)
-            sync(device)
+            pair.train_step(impl, batch, args.dtype)
+            pair.sync(device)
             compile_s[impl.name] = time.perf_counter() - start
-    samples = common.interleave({impl.name: (lambda impl=impl: bench.train_step(impl, batch, args.dtype)) for impl in impls},
-                                repeats=args.steps, warmup=args.warmup, sync=lambda: sync(device))
+    samples = common.interleave({impl.name: (lambda impl=impl: pair.train_step(impl, batch, args.dtype)) for impl in impls},
+                                repeats=args.steps, warmup=args.warmup, sync=lambda: pair.sync(device))
     rows = {}
     for impl in impls:
         s = samples[impl.name]
@@ -114,7 +94,7 @@ def run_mode(bench, impls, batch, args, mode: str, peak: float, flops_per_sample
             "compiled": mode == "compile" and (impl.name == "ldmkit" or args.peer_compile),
             "ms_per_step": 1e3 * s.median, "spread": s.spread(), "samples_per_s": per_s,
             "tflops": flops_per_sample * per_s / 1e12, "mfu": flops_per_sample * per_s / peak,
-            "peak_mib": peak_mib(bench, impl, batch, args.dtype, device),
+            "peak_mib": peak_mib(impl, batch, args.dtype, device),
             "compile_s": compile_s.get(impl.name),
         }
     ours, theirs = rows["ldmkit"], rows["diffusers"]
@@ -127,14 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.set_threads(args.threads)
     device = torch.device(args.device)
-    bench, impls, batch = build_pair(args)
+    impls, batch = build_pair(args)
     params = [sum(p.numel() for p in impl.model.parameters()) for impl in impls]
     with torch.no_grad():
-        outs = [bench.predict(impl, batch, eager=True) for impl in impls]
+        outs = [pair.predict(impl, batch, eager=True) for impl in impls]
     max_diff = float((outs[0] - outs[1]).abs().max())
     del outs
-    flops = bench.step_flops(impls[0], batch, args.dtype) / args.batch
-    peak = bench.matmul_peak_flops(device, args.dtype)
+    flops = pair.step_flops(impls[0], batch, args.dtype) / args.batch
+    peak = pair.matmul_peak_flops(device, args.dtype)
     result = {
         "arch": args.arch, "preset": args.preset, "latents": [args.batch, impls[0].model.config.in_channels,
                                                               args.latent_size, args.latent_size],
@@ -143,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_peak_tflops": peak / 1e12, "compile_backend": args.compile_backend, "modes": [],
     }
     for mode in args.modes:
-        row = run_mode(bench, impls, batch, args, mode, peak, flops)
+        row = run_mode(impls, batch, args, mode, peak, flops)
         result["modes"].append(row)
         print(f"{args.arch} {mode}: ldmkit {row['impls']['ldmkit']['samples_per_s']:.2f} samples/s, "
               f"MFU {row['impls']['ldmkit']['mfu']:.1%}, ratio {row['ratio']:.3f} ({row['ratio_is']})", flush=True)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "bench" / "transformer_train_step.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("transformer_train_step", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+import common  # noqa: E402
 
 
 def test_parses_its_gpu_mode():
-    args = load_bench().parse_args(["--device", "cuda", "--arch", "mmdit", "--preset", "sd3_medium", "--compile"])
+    args = common.load_bench("transformer_train_step").parse_args(
+        ["--device", "cuda", "--arch", "mmdit", "--preset", "sd3_medium", "--compile"])
     assert (args.device, args.arch, args.preset, args.compile, args.dtypes) == (
         "cuda", ["mmdit"], "sd3_medium", True, ["fp32", "bf16"])
 
@@ -28,7 +22,7 @@ def test_parses_its_gpu_mode():
 @pytest.mark.slow
 def test_runs_tiny_on_cpu(capsys):
     argv = ["--batch", "2", "--context-len", "4", "--steps", "1", "--warmup", "0", "--threads", "1"]
-    load_bench().main(argv)
+    common.load_bench("transformer_train_step").main(argv)
     out = capsys.readouterr().out
     assert "parameters: ldmkit 3,958,084  diffusers 3,958,084" in out  # DiT tiny vs PixArt
     assert "parameters: ldmkit 3,513,604  diffusers 3,513,604" in out  # MMDiT tiny vs SD3

@@ -1,4 +1,5 @@
-"""Attention layers of the text-conditioned UNet (pure torch).
+"""Attention layers of the backbones (pure torch): the UNet's spatial transformer, and the self- and
+cross-attention with optional qk-norm that DiT and MMDiT use as well.
 
 The transformer block is the one of LDM/Stable Diffusion (Rombach et al. 2022,
 `ldm/modules/attention.py` `BasicTransformerBlock` / `SpatialTransformer`): pre-LayerNorm
@@ -18,33 +19,59 @@ from torch import nn
 from ldmkit.nn.blocks import group_norm, zero_module
 
 
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)  # (B, heads, N, C/heads)
+def split_heads(x: torch.Tensor, parts: int, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, N, parts * C) fused projection -> `parts` tensors (B, heads, N, C/heads). Unbound on dim 2 (views,
+    no copy): in backward the `parts` gradients are stacked straight into the fused (B, N, parts * C) layout."""
+    b, n, _ = x.shape
+    x = x.view(b, n, parts, num_heads, -1)
+    return tuple(y.transpose(1, 2) for y in x.unbind(2))
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection (one matmul instead of three)."""
+class QKNorm(nn.Module):
+    """Per-head RMSNorm of queries and keys (SD3 sec. 5.3.2; diffusers `qk_norm="rms_norm"`), or the identity."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, head_dim: int, enabled: bool, eps: float = 1e-6) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"SelfAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.q_norm = nn.RMSNorm(head_dim, eps=eps) if enabled else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=eps) if enabled else None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_norm is None:
+            return q, k
+        return self._rms(q, self.q_norm), self._rms(k, self.k_norm)
+
+    @staticmethod
+    def _rms(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+        # float32 statistics whatever the autocast / weight dtype (bf16-safe); back to x's dtype for SDPA
+        return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps).to(x.dtype)
+
+
+def _check_heads(name: str, dim: int, num_heads: int) -> None:
+    if dim % num_heads:
+        raise ValueError(f"{name}: dim {dim} is not divisible by num_heads {num_heads}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (one matmul instead of three); optional
+    per-head RMS qk-norm. `bias`: LDM/SD have no Q/K/V biases, DiT/PixArt do."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, bias: bool = False) -> None:
+        super().__init__()
+        _check_heads("SelfAttention", dim, num_heads)
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.norm = QKNorm(dim // num_heads, qk_norm)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
-        b, n, c = x.shape
-        # unbind on dim 2: in backward the three grads are stacked straight into the (B, N, 3C) layout
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = (y.transpose(1, 2) for y in qkv.unbind(2))  # each (B, heads, N, C/heads)
-        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        q, k, v = split_heads(self.qkv(x), 3, self.num_heads)  # each (B, heads, N, C/heads)
+        q, k = self.norm(q, k)
+        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
 
 
 class CrossAttention(nn.Module):
@@ -54,22 +81,20 @@ class CrossAttention(nn.Module):
     A sample whose tokens are all masked gets a zero attention output (SDPA's safe softmax).
     """
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qk_norm: bool = False, bias: bool = False) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"CrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        _check_heads("CrossAttention", dim, num_heads)
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        self.norm = QKNorm(dim // num_heads, qk_norm)
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, length, _ = context.shape
-        c = x.shape[-1]
-        q = _split_heads(self.q(x), self.num_heads)  # (B, heads, N, C/heads)
-        kv = self.kv(context).view(b, length, 2, self.num_heads, c // self.num_heads)
-        k, v = (y.transpose(1, 2) for y in kv.unbind(2))  # each (B, heads, L, C/heads)
-        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        (q,) = split_heads(self.q(x), 1, self.num_heads)  # (B, heads, N, C/heads)
+        k, v = split_heads(self.kv(context), 2, self.num_heads)  # each (B, heads, L, C/heads)
+        q, k = self.norm(q, k)
+        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 
 class GEGLUFeedForward(nn.Module):

@@ -1,7 +1,7 @@
-from __future__ import annotations
+"""MMDiT: agreement with diffusers' SD3Transformer2DModel, the joint streams, config checks (the shared
+backbone properties are in test_contract.py)."""
 
-import dataclasses
-import json
+from __future__ import annotations
 
 import pytest
 import torch
@@ -15,14 +15,9 @@ from ldmkit.nn.backbones.mmdit import (
     state_dict_from_diffusers,
 )
 from tests.nn.backbones import helpers
-from tests.nn.backbones.helpers import MASK, count, inputs, randomized
+from tests.nn.backbones.helpers import count, inputs, randomized
 
-TINY = dict(
-    in_channels=4, out_channels=4, sample_size=8, patch_size=2, width=64, depth=3, num_heads=4, context_dim=24,
-    pooled_dim=12, pos_embed_max_size=16,
-)
-
-EXPECTED_PARAMS = {"tiny": 3_513_604, "small": 111_741_968, "sd3_medium": 2_028_328_000}
+TINY = helpers.TINY["mmdit"]
 
 # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (architecture fields).
 SD3_MEDIUM_DIFFUSERS_CONFIG = dict(
@@ -43,35 +38,12 @@ def sd3_pair(cfg: MMDiTConfig):
     return reference, model
 
 
-@pytest.mark.parametrize("patch_size", [1, 2, 4])
-@pytest.mark.parametrize(
-    "overrides", [{}, {"qk_norm": True, "depth": 1}, {"pooled_dim": None, "in_channels": 3, "out_channels": 6}],
-    ids=["base", "qknorm-depth1", "no-pooled-channels"],
-)
-def test_output_shape(patch_size, overrides):
-    cfg = MMDiTConfig(**{**TINY, "patch_size": patch_size, **overrides})
-    model = randomized(MMDiT(cfg))
-    x, t, context, pooled = inputs(cfg, size=(8, 12))
-    out = model(x, t, context, pooled)
-    assert out.shape == (2, cfg.out_channels, 8, 12)
-    assert torch.isfinite(out).all()
-    assert (model.in_channels, model.out_channels, model.patch_size) == (cfg.in_channels, cfg.out_channels, patch_size)
-
-
-def test_fresh_model_predicts_zero_and_last_text_stream_is_context_only():
+def test_last_text_stream_is_context_only():
     cfg = MMDiTConfig(**TINY)
     model = MMDiT(cfg)
-    assert not model(*inputs(cfg)).any()
     *body, last = model.blocks
     assert last.text.out is None and last.text.mlp is None and last.text.modulation.out_features == 2 * cfg.width
     assert all(b.text.out is not None and b.text.mlp is not None for b in body)
-
-
-@pytest.mark.parametrize("name", sorted(MMDIT_PRESETS))
-def test_preset_parameter_counts(name):
-    with torch.device("meta"):
-        model = mmdit_from_preset(name)
-    assert count(model) == EXPECTED_PARAMS[name]
 
 
 def test_sd3_medium_preset_has_the_parameter_count_of_diffusers_sd3_medium():
@@ -112,82 +84,24 @@ def test_all_true_mask_is_no_mask():
                                    model(x, t, context, pooled), rtol=1e-5, atol=1e-6)
 
 
-def test_context_mask_hides_tokens():
-    cfg = MMDiTConfig(**TINY)
-    helpers.check_mask_hides_tokens(randomized(MMDiT(cfg)).eval(), cfg)
-
-
-def test_pooled_embedding_and_time_change_output():
-    cfg = MMDiTConfig(**TINY)
-    model = randomized(MMDiT(cfg)).eval()
-    x, t, context, pooled = inputs(cfg)
-    with torch.no_grad():
-        out = model(x, t, context, pooled)
-        assert not torch.allclose(model(x, t, context, pooled + 1), out, atol=1e-4)
-        assert not torch.allclose(model(x, t + 1, context, pooled), out, atol=1e-4)
-
-
-def test_gradient_checkpointing_gives_identical_outputs_and_grads():
-    cfg = MMDiTConfig(**TINY, qk_norm=True)
-    helpers.check_gradient_checkpointing(randomized(MMDiT(cfg)), cfg)
-
-
-def test_bf16_autocast_forward_backward():
-    cfg = MMDiTConfig(**TINY, qk_norm=True)
-    helpers.check_bf16_autocast(randomized(MMDiT(cfg)), cfg)
-
-
-def test_a_few_adamw_steps_fit_a_fixed_batch():
-    torch.manual_seed(0)
-    cfg = MMDiTConfig(**TINY)
-    helpers.check_fits_a_fixed_batch(MMDiT(cfg), cfg)
-
-
-@pytest.mark.slow
-@pytest.mark.heavy
-def test_torch_compile_inductor_matches_eager():
-    cfg = MMDiTConfig(**{**TINY, "depth": 2, "qk_norm": True})
-    helpers.check_compiled_matches_eager(randomized(MMDiT(cfg)), cfg, backend="inductor")
-
-
-def test_torch_compile_captures_one_graph():
-    cfg = MMDiTConfig(**{**TINY, "depth": 2})
-    helpers.check_compiled_matches_eager(randomized(MMDiT(cfg)), cfg, backend="aot_eager")
-
-
-def test_config_round_trips_through_json_and_mappings():
-    cfg = dataclasses.replace(MMDIT_PRESETS["small"], qk_norm=True)
-    assert MMDiTConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
-    assert MMDiT(TINY).config == MMDiT(**TINY).config == MMDiTConfig(**TINY)
-
-
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda: mmdit_from_preset("huge"), "choose one of"),
-        (lambda: mmdit_from_preset("tiny", heads=3), "unknown MMDiTConfig fields"),
         (lambda: MMDiTConfig(**{**TINY, "num_heads": 3}), "num_heads=3"),
         (lambda: MMDiTConfig(**{**TINY, "context_dim": None}), "attends jointly to text tokens"),
         (lambda: MMDiTConfig(**{**TINY, "pos_embed_max_size": 3}), "smaller than sample_size"),
     ],
 )
 def test_config_errors_say_what_to_fix(build, match):
-    with pytest.raises((ValueError, KeyError, TypeError), match=match):
+    with pytest.raises(ValueError, match=match):
         build()
 
 
-def test_forward_errors_say_what_to_fix():
+def test_latents_larger_than_the_position_table_say_what_to_fix():
     cfg = MMDiTConfig(**TINY)
-    model = MMDiT(cfg)
-    x, t, context, pooled = inputs(cfg)
+    _, t, context, pooled = inputs(cfg)
     with pytest.raises(ValueError, match="larger than the position table's 16x16 .*raise pos_embed_max_size"):
-        model(torch.randn(1, 4, 34, 8), t[:1], context[:1], pooled[:1])
-    with pytest.raises(ValueError, match="needs context of shape .* text encoder's width"):
-        model(x, t, context[..., :16], pooled)
-    with pytest.raises(ValueError, match="patch_size=2 needs H and W divisible by 2"):
-        model(x[..., :7], t, context, pooled)
-    with pytest.raises(ValueError, match="context_mask must be a bool"):
-        model(x, t, context, pooled, MASK[:, :4])
+        MMDiT(cfg)(torch.randn(1, 4, 34, 8), t[:1], context[:1], pooled[:1])
 
 
 def test_dual_attention_checkpoints_are_refused_before_loading():

@@ -1,6 +1,7 @@
 """Denoising backbones behind one contract, and the registry that builds them by name.
 
-Every backbone is an `nn.Module` with
+Every backbone is an `nn.Module` (subclassing `base.Backbone`, which implements the shared parts:
+the attributes read from the config, `from_preset`, the forward-input checks, gradient checkpointing) with
     forward(x (B, C, H, W), t (B,) float network time input, context (B, L, D) | None,
             pooled (B, P) | None, context_mask (B, L) bool | None) -> (B, C_out, H, W)
 and the attributes

@@ -33,23 +33,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ldmkit.nn.attention import CrossAttention, SelfAttention
+from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, attention_mask, batch_time, config_from
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
-    CrossAttention,
     FeedForward,
     PatchEmbed,
-    SelfAttention,
-    TwoLayerMLP,
-    check_inputs,
-    config_from,
+    TransformerBackbone,
     init_patch_embed,
     layer_norm,
     modulate,
     normal_init,
     sincos_positions_2d,
-    timestep_embedding,
     unpatchify,
     xavier_init_linears,
     zero_init,
@@ -119,8 +115,8 @@ class DiTBlock(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         dim = config.width
-        self.attn = SelfAttention(dim, config.num_heads, config.qk_norm)
-        self.cross_attn = CrossAttention(dim, config.num_heads, config.qk_norm) if config.context_dim else None
+        self.attn = SelfAttention(dim, config.num_heads, config.qk_norm, bias=True)
+        self.cross_attn = CrossAttention(dim, dim, config.num_heads, config.qk_norm, bias=True) if config.context_dim else None
         self.mlp = FeedForward(dim, config.mlp_ratio)
         if config.conditioning == "adaln_single":
             self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
@@ -142,10 +138,9 @@ class DiTBlock(nn.Module):
         return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
 
 
-class DiT(nn.Module):
+class DiT(TransformerBackbone):
     """`forward(x, t, context, pooled, context_mask) -> prediction` of shape (B, out_channels, H, W).
-    The backbone contract (ldmkit.nn.backbones): `arch`, `config`, `in_channels`, `out_channels`,
-    `context_dim`, `pooled_dim`, `latent_size_multiple` (= `patch_size`)."""
+    The backbone contract (ldmkit.nn.backbones, `base.Backbone`); `latent_size_multiple` = `patch_size`."""
 
     arch = "dit"
     config_class = DiTConfig
@@ -158,7 +153,7 @@ class DiT(nn.Module):
         self.gradient_checkpointing = config.gradient_checkpointing
         dim = config.width
         self.x_embedder = PatchEmbed(config.in_channels, dim, config.patch_size)
-        self.t_embedder = TwoLayerMLP(TIME_FREQ_DIM, dim)
+        self.t_embedder = TimestepEmbedder(TIME_FREQ_DIM, dim)
         self.t_block = nn.Linear(dim, 6 * dim) if config.conditioning == "adaln_single" else None
         self.pooled_embedder = TwoLayerMLP(config.pooled_dim, dim) if config.pooled_dim else None
         # PixArt's caption projection (Linear-GELU-Linear) from the text encoder's width to the model's.
@@ -174,31 +169,6 @@ class DiT(nn.Module):
         grid = config.sample_size // config.patch_size
         self.register_buffer("pos_embed", self._positions(grid, grid), persistent=False)  # (N, C)
         self.initialize_weights()
-
-    @property
-    def in_channels(self) -> int:
-        return self.config.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.config.out_channels
-
-    @property
-    def context_dim(self) -> int | None:
-        return self.config.context_dim
-
-    @property
-    def pooled_dim(self) -> int | None:
-        return self.config.pooled_dim
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def latent_size_multiple(self) -> int:
-        """Latent H and W must be multiples of this (the backbone contract of ldmkit.nn.backbones)."""
-        return self.config.patch_size
 
     def initialize_weights(self) -> None:
         """PixArt-α / DiT init: Xavier linears, N(0, 0.02) embedders, zero cross-attention outputs,
@@ -235,25 +205,18 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """x (B, C, H, W); t (B,) or scalar network time; context (B, L, context_dim); pooled (B, pooled_dim);
         context_mask (B, L) bool, True = attend to the token. -> (B, out_channels, H, W)."""
-        check_inputs(type(self).__name__, self.config, x, context, pooled, context_mask)
-        b, p = x.shape[0], self.config.patch_size
+        self._check_inputs(x, context, pooled, context_mask)
+        p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(b) if t.ndim == 0 else t
-        temb = self.t_embedder(timestep_embedding(t).to(self.t_embedder.linear_1.weight.dtype))  # (B, C)
-        if self.pooled_embedder is not None:
-            temb = temb + self.pooled_embedder(pooled)
+        temb = add_pooled(self.t_embedder(batch_time(t, x)), self.pooled_embedder, pooled)  # (B, C)
         positions = self.pos_embed if self.pos_embed.shape[0] == h * w and h == w else self._positions(h, w, x.device)
         tokens = self.x_embedder(x) + positions  # (B, N, C)
         if self.context_embedder is not None:
             context = self.context_embedder(context)  # (B, L, C)
-        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, L)
+        mask = attention_mask(context_mask)  # (B, 1, 1, L)
         cond = self.t_block(F.silu(temb)).unflatten(1, (6, -1)) if self.t_block is not None else F.silu(temb)
         for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, cond, context, mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, cond, context, mask)
+            tokens = self._run(block, tokens, cond, context, mask)
         if self.final_scale_shift_table is not None:
             shift, scale = (self.final_scale_shift_table[None] + temb[:, None]).chunk(2, dim=1)  # (B, 1, C)
         else:
@@ -261,19 +224,10 @@ class DiT(nn.Module):
         out = self.proj_out(modulate(layer_norm(tokens), shift, scale))  # (B, N, p*p*C_out)
         return unpatchify(out, h, w, p, self.config.out_channels)
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: decay matrices and conv kernels, not biases, norms, tables of modulation offsets."""
-        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim >= 2 and "scale_shift" not in n]
-        ids = {id(p) for p in decay}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
 
 def dit_from_preset(name: str, **overrides: Any) -> DiT:
     """`DiT` from `DIT_PRESETS[name]` with fields replaced, e.g. `dit_from_preset("S", context_dim=512)`."""
-    if name not in DIT_PRESETS:
-        raise KeyError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
-    return DiT(DIT_PRESETS[name], **overrides)
+    return DiT.from_preset(name, **overrides)
 
 
 # --- interoperability with diffusers' PixArtTransformer2DModel (pure key/shape mapping) ---

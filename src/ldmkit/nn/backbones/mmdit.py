@@ -30,24 +30,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ldmkit.nn.attention import QKNorm, merge_heads, split_heads
+from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, batch_time, config_from
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
     FeedForward,
     PatchEmbed,
-    QKNorm,
-    TwoLayerMLP,
-    check_inputs,
-    config_from,
+    TransformerBackbone,
     init_patch_embed,
     layer_norm,
-    merge_heads,
     modulate,
     normal_init,
     sincos_positions_2d,
-    split_heads,
-    timestep_embedding,
     unpatchify,
     xavier_init_linears,
     zero_init,
@@ -168,10 +163,9 @@ class MMDiTBlock(nn.Module):
         return img, txt
 
 
-class MMDiT(nn.Module):
+class MMDiT(TransformerBackbone):
     """`forward(x, t, context, pooled, context_mask) -> prediction` of shape (B, out_channels, H, W).
-    The backbone contract (ldmkit.nn.backbones): `arch`, `config`, `in_channels`, `out_channels`,
-    `context_dim`, `pooled_dim`, `latent_size_multiple` (= `patch_size`)."""
+    The backbone contract (ldmkit.nn.backbones, `base.Backbone`); `latent_size_multiple` = `patch_size`."""
 
     arch = "mmdit"
     config_class = MMDiTConfig
@@ -184,7 +178,7 @@ class MMDiT(nn.Module):
         self.gradient_checkpointing = config.gradient_checkpointing
         dim = config.width
         self.x_embedder = PatchEmbed(config.in_channels, dim, config.patch_size)
-        self.t_embedder = TwoLayerMLP(TIME_FREQ_DIM, dim)
+        self.t_embedder = TimestepEmbedder(TIME_FREQ_DIM, dim)
         self.pooled_embedder = TwoLayerMLP(config.pooled_dim, dim) if config.pooled_dim else None
         self.context_embedder = nn.Linear(config.context_dim, dim)
         self.blocks = nn.ModuleList(MMDiTBlock(config, context_only=i == config.depth - 1) for i in range(config.depth))
@@ -194,31 +188,6 @@ class MMDiT(nn.Module):
         table = sincos_positions_2d(dim, size, size, config.sample_size // config.patch_size)
         self.register_buffer("pos_embed", table.view(size, size, dim), persistent=False)  # (S, S, C)
         self.initialize_weights()
-
-    @property
-    def in_channels(self) -> int:
-        return self.config.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.config.out_channels
-
-    @property
-    def context_dim(self) -> int | None:
-        return self.config.context_dim
-
-    @property
-    def pooled_dim(self) -> int | None:
-        return self.config.pooled_dim
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def latent_size_multiple(self) -> int:
-        """Latent H and W must be multiples of this (the backbone contract of ldmkit.nn.backbones)."""
-        return self.config.patch_size
 
     def initialize_weights(self) -> None:
         """Xavier linears, N(0, 0.02) embedders, zero adaLN-Zero modulations (every block starts as
@@ -249,7 +218,7 @@ class MMDiT(nn.Module):
         """x (B, C, H, W); t (B,) or scalar network time; context (B, L, context_dim); pooled (B, pooled_dim);
         context_mask (B, L) bool, True = attend to the token. -> (B, out_channels, H, W)."""
         cfg = self.config
-        check_inputs(type(self).__name__, cfg, x, context, pooled, context_mask)
+        self._check_inputs(x, context, pooled, context_mask)
         b, p = x.shape[0], cfg.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
         if max(h, w) > cfg.pos_embed_max_size:
@@ -258,12 +227,7 @@ class MMDiT(nn.Module):
                 f"{cfg.pos_embed_max_size}x{cfg.pos_embed_max_size} (pos_embed_max_size): raise pos_embed_max_size, "
                 "or the patch_size, or train at a smaller resolution"
             )
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(b) if t.ndim == 0 else t
-        temb = self.t_embedder(timestep_embedding(t).to(self.t_embedder.linear_1.weight.dtype))  # (B, C)
-        if self.pooled_embedder is not None:
-            temb = temb + self.pooled_embedder(pooled)
-        c = F.silu(temb)
+        c = F.silu(add_pooled(self.t_embedder(batch_time(t, x)), self.pooled_embedder, pooled))  # (B, C)
         img = self.x_embedder(x) + self._positions(h, w)  # (B, N, C)
         txt = self.context_embedder(context)  # (B, L, C)
         mask = None
@@ -271,26 +235,15 @@ class MMDiT(nn.Module):
             visible = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
             mask = torch.cat([visible, context_mask], dim=1)[:, None, None, :]  # (B, 1, 1, N+L)
         for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                img, txt = checkpoint(block, img, txt, c, mask, use_reentrant=False)
-            else:
-                img, txt = block(img, txt, c, mask)
+            img, txt = self._run(block, img, txt, c, mask)
         scale, shift = self.final_modulation(c)[:, None].chunk(2, dim=-1)  # (B, 1, C)
         out = self.proj_out(modulate(layer_norm(img), shift, scale))  # (B, N, p*p*C_out)
         return unpatchify(out, h, w, p, cfg.out_channels)
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: decay matrices and conv kernels, not biases or norm weights."""
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
 
 def mmdit_from_preset(name: str, **overrides: Any) -> MMDiT:
     """`MMDiT` from `MMDIT_PRESETS[name]` with fields replaced, e.g. `mmdit_from_preset("tiny", context_dim=512)`."""
-    if name not in MMDIT_PRESETS:
-        raise KeyError(f"unknown MMDiT preset {name!r}; choose one of {sorted(MMDIT_PRESETS)}")
-    return MMDiT(MMDIT_PRESETS[name], **overrides)
+    return MMDiT.from_preset(name, **overrides)
 
 
 # --- interoperability with diffusers' SD3Transformer2DModel (pure key/shape mapping) ---

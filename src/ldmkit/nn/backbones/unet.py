@@ -20,8 +20,6 @@ It is the `unet` entry of the backbone registry (ldmkit.nn.backbones): `build_ba
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,10 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ldmkit.nn.attention import SpatialTransformer
+from ldmkit.nn.backbones.base import (  # noqa: F401  (timestep_embedding: re-exported from its former home)
+    Backbone, TimestepEmbedder, add_pooled, attention_mask, batch_time, config_from, timestep_embedding,
+)
 from ldmkit.nn.blocks import Downsample, ResnetBlock, Upsample, group_norm, zero_module
+
+TimestepMLP = TimestepEmbedder  # its former name
 
 
 @dataclass
@@ -132,25 +134,6 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 }
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding `[cos(t w_i), sin(t w_i)]`, `w_i = max_period^(-i / (dim/2))` (Vaswani et al. 2017,
-    as in LDM / SD). Works for fractional `t`; computed in float32. (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(max_period) / half))
-    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TimestepMLP(nn.Module):
-    def __init__(self, in_dim: int, emb_dim: int) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, emb_dim)
-        self.linear_2 = nn.Linear(emb_dim, emb_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
 class UNetLevel(nn.Module):
     """One resolution of the UNet: ResNet blocks, a transformer after each (attention levels), a resampler."""
 
@@ -161,23 +144,23 @@ class UNetLevel(nn.Module):
         self.resample = resample
 
 
-class UNet(nn.Module):
+class UNet(Backbone):
     """`forward(x, t, context, pooled, context_mask) -> prediction` with the shape of `x`.
-    The backbone contract (ldmkit.nn.backbones): `arch`, `config`, `in_channels`, `out_channels`,
-    `context_dim`, `pooled_dim`, and `latent_size_multiple` (= `downsampling_factor`)."""
+    The backbone contract (ldmkit.nn.backbones, `base.Backbone`); `latent_size_multiple` = `downsampling_factor`."""
 
     arch = "unet"
     config_class = UNetConfig
-    presets = None  # set below: UNET_PRESETS
+    presets = UNET_PRESETS
+    size_knob = "channel_mult"
 
     def __init__(self, config: UNetConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__()
-        config = _as_config(config, overrides)
+        config = config_from(UNetConfig, config, overrides)
         self.config = config
         self.gradient_checkpointing = config.gradient_checkpointing
         c, emb_dim, widths = config.model_channels, config.emb_dim, config.widths
 
-        self.time_embed = TimestepMLP(c, emb_dim)
+        self.time_embed = TimestepEmbedder(c, emb_dim)
         self.pooled_proj = nn.Linear(config.pooled_dim, emb_dim) if config.pooled_dim else None
         self.conv_in = nn.Conv2d(config.in_channels, c, 3, padding=1)
 
@@ -236,21 +219,8 @@ class UNet(nn.Module):
         """Latent H and W must be multiples of this (one halving per level below the first)."""
         return self.downsampling_factor
 
-    @property
-    def in_channels(self) -> int:
-        return self.config.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.config.out_channels
-
-    @property
-    def context_dim(self) -> int | None:
-        return self.config.context_dim
-
-    @property
-    def pooled_dim(self) -> int | None:
-        return self.config.pooled_dim
+    def _size_rule(self) -> str:
+        return f"{len(self.config.channel_mult)} levels"
 
     def forward(
         self,
@@ -263,13 +233,8 @@ class UNet(nn.Module):
         """x (B, C, H, W); t (B,) or scalar timesteps, int or float; context (B, L, context_dim) text tokens;
         pooled (B, pooled_dim); context_mask (B, L) bool, True = attend to the token. -> (B, out_channels, H, W)."""
         self._check_inputs(x, context, pooled, context_mask)
-        b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(b) if t.ndim == 0 else t
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.conv_in.weight.dtype))
-        if self.pooled_proj is not None:
-            emb = emb + self.pooled_proj(pooled)  # (B, emb_dim)
-        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, L): heads, queries
+        emb = add_pooled(self.time_embed(batch_time(t, x)), self.pooled_proj, pooled)  # (B, emb_dim)
+        mask = attention_mask(context_mask)  # (B, 1, 1, L): heads, queries
 
         h = self.conv_in(x)  # (B, model_channels, H, W)
         skips = [h]
@@ -297,73 +262,10 @@ class UNet(nn.Module):
             h = self._run(level.attentions[i], h, context, mask)
         return h
 
-    def _run(self, block: nn.Module, *args: Any) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-    def _check_inputs(self, x, context, pooled, context_mask) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNet expects x of shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        f = self.downsampling_factor
-        if x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(
-                f"UNet with {len(cfg.channel_mult)} levels needs H and W divisible by {f}, got {tuple(x.shape[-2:])}: "
-                "change the image resolution or channel_mult"
-            )
-        if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[-1] != cfg.context_dim):
-            got = None if context is None else tuple(context.shape)
-            raise ValueError(
-                f"UNet was built with context_dim={cfg.context_dim} and needs context of shape (B, L, {cfg.context_dim}), "
-                f"got {got}; set context_dim to the text encoder's width (or null for an unconditional UNet)"
-            )
-        if cfg.context_dim is None and context is not None:
-            raise ValueError("UNet was built with context_dim=null (no cross-attention) but was given a context")
-        if (cfg.pooled_dim is None) != (pooled is None):
-            raise ValueError(
-                f"UNet was built with pooled_dim={cfg.pooled_dim} but pooled is "
-                f"{'missing' if pooled is None else tuple(pooled.shape)}: pass pooled (B, pooled_dim) exactly when "
-                "pooled_dim is set"
-            )
-        if context_mask is not None and (
-            context is None or context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]
-        ):
-            raise ValueError(
-                "context_mask must be a bool tensor of shape (B, L) of the context (True = attend), got "
-                f"{context_mask.dtype} {tuple(context_mask.shape)} for context {None if context is None else tuple(context.shape)}"
-            )
-
-    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW parameter groups: decay matrices and conv kernels, not biases, norms or 1-D parameters."""
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _as_config(config: UNetConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> UNetConfig:
-    if config is None:
-        config = UNetConfig()
-    elif isinstance(config, Mapping):
-        config = UNetConfig(**{str(k): v for k, v in config.items()})
-    elif not isinstance(config, UNetConfig):
-        raise TypeError(f"UNet(config=...) takes a UNetConfig or a mapping of its fields, got {type(config).__name__}")
-    if overrides:
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(UNetConfig)})
-        if unknown:
-            raise TypeError(f"unknown UNetConfig fields {unknown}; valid: {[f.name for f in dataclasses.fields(UNetConfig)]}")
-        config = dataclasses.replace(config, **overrides)
-    return config
-
-
-UNet.presets = UNET_PRESETS
-
 
 def unet_from_preset(name: str, **overrides: Any) -> UNet:
     """`UNet` from `UNET_PRESETS[name]` with some fields replaced, e.g. `unet_from_preset("tiny", context_dim=512)`."""
-    if name not in UNET_PRESETS:
-        raise KeyError(f"unknown UNet preset {name!r}; choose one of {sorted(UNET_PRESETS)}")
-    return UNet(UNET_PRESETS[name], **overrides)
+    return UNet.from_preset(name, **overrides)
 
 
 # --- interoperability with diffusers' UNet2DConditionModel (pure key/shape mapping, no diffusers import) ---
