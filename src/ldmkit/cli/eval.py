@@ -6,15 +6,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from ldmkit.cli.entry import optimized_value
 from ldmkit.config import conf_dir
 from ldmkit.pipeline import evaluate
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = evaluate(cfg)
-    name = cfg.get("optimized_metric")  # the value Hydra sweepers (Optuna) optimise
-    return metrics.get(name) if name else None
+    return optimized_value(cfg, evaluate(cfg)[0])
 
 
 if __name__ == "__main__":

@@ -3,19 +3,21 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from ldmkit.cli.entry import optimized_value, renamed_overrides
 from ldmkit.config import conf_dir
 from ldmkit.pipeline import train
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
-    name = cfg.get("optimized_metric")  # the value Hydra sweepers (Optuna) optimise
-    return metrics.get(name) if name else None
+    return optimized_value(cfg, train(cfg)[0])
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = renamed_overrides(sys.argv[1:])
     main()

@@ -6,7 +6,8 @@ The objective itself is `ldmkit.diffusion.objectives.DenoisingObjective`, the we
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,29 +21,25 @@ from ldmkit.diffusion.weightings import (  # noqa: F401
 )
 
 
-@dataclass
 class DenoisingLoss:
     """`loss_fn(model, x0, schedule, cond=..., generator=...) -> (per_sample_loss (B,), t (B,))`: the
-    former interface of `ldmkit.diffusion.objectives.DenoisingObjective` (which holds the process and
-    returns the loss only), kept for callers that pass the schedule per call. Fields as there."""
+    former interface of `DenoisingObjective` (which holds the process and returns the loss only), kept for
+    callers that pass the schedule per call. Keyword arguments, defaults and checks are the objective's
+    (one copy of the fields); they read as attributes, e.g. `DenoisingLoss(weighting="simple").weighting`."""
 
-    prediction: str = "eps"
-    weighting: str = "uniform"
-    min_snr_gamma: float = 5.0
-    min_snr_floor: float | str | None = MIN_SNR_FLOOR_AUTO
-    timestep_sampling: str = "uniform"
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
-    mode_scale: float = 1.29
-    offset_noise: float = 0.0
-    input_perturbation: float = 0.0
-    edm_sigma_data: float = 0.5
+    def __init__(self, **settings: Any) -> None:
+        self.settings = DenoisingObjective(None, **settings)  # validates, resolves weighting aliases
 
-    def __post_init__(self) -> None:
-        self.weighting = self.objective(None).weighting  # validates and resolves aliases
+    def __getattr__(self, name: str) -> Any:
+        if name == "settings":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.settings, name)
+
+    def __repr__(self) -> str:
+        return repr(self.settings).replace("DenoisingObjective(process=None, ", "DenoisingLoss(", 1)
 
     def objective(self, process: NoiseProcess | None) -> DenoisingObjective:
-        return DenoisingObjective(process, **{f.name: getattr(self, f.name) for f in fields(self)})
+        return replace(self.settings, process=process)
 
     def __call__(
         self, model, x0: Tensor, schedule: NoiseProcess, *, cond=None, generator: torch.Generator | None = None
