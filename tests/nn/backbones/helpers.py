@@ -36,6 +36,15 @@ def randomized(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> to
     return model
 
 
+def converted_pair(make_reference, model: torch.nn.Module, convert) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(diffusers reference built by `make_reference()` after seeding, its weights perturbed; `model` loaded
+    with `convert(reference.state_dict())`), both in eval mode."""
+    torch.manual_seed(0)
+    reference = randomized(make_reference()).eval()
+    model.load_state_dict(convert(reference.state_dict()), strict=True)
+    return reference, model.eval()
+
+
 def inputs(cfg, batch: int = 2, size: tuple[int, int] = (8, 8), length: int = 5, seed: int = 0):
     """x, t (float network time), context, pooled for a backbone config."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 from ldmkit.nn.backbones.dit import DiT, DiTConfig, diffusers_pixart_kwargs, state_dict_from_diffusers
 from ldmkit.nn.backbones.transformer_layers import sincos_positions_2d
 from tests.nn.backbones import helpers
-from tests.nn.backbones.helpers import MASK, inputs, randomized
+from tests.nn.backbones.helpers import MASK, inputs
 
 TINY = helpers.TINY["dit"]  # the properties every backbone shares are tested in test_contract.py
 
@@ -18,11 +18,8 @@ def pixart_pair(cfg: DiTConfig):
     """diffusers' PixArtTransformer2DModel with random weights and ldmkit's DiT loaded from it."""
     from diffusers import PixArtTransformer2DModel
 
-    torch.manual_seed(0)
-    reference = randomized(PixArtTransformer2DModel(**diffusers_pixart_kwargs(cfg))).eval()
-    model = DiT(cfg).eval()
-    model.load_state_dict(state_dict_from_diffusers(reference.state_dict(), cfg), strict=True)
-    return reference, model
+    return helpers.converted_pair(lambda: PixArtTransformer2DModel(**diffusers_pixart_kwargs(cfg)), DiT(cfg),
+                                  lambda state: state_dict_from_diffusers(state, cfg))
 
 
 @pytest.mark.parametrize("patch_size", [1, 2, 4])

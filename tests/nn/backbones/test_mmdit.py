@@ -31,11 +31,8 @@ def sd3_pair(cfg: MMDiTConfig):
     """diffusers' SD3Transformer2DModel with random weights and ldmkit's MMDiT loaded from it."""
     from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(0)
-    reference = randomized(SD3Transformer2DModel(**diffusers_sd3_kwargs(cfg))).eval()
-    model = MMDiT(cfg).eval()
-    model.load_state_dict(state_dict_from_diffusers(reference.state_dict(), cfg), strict=True)
-    return reference, model
+    return helpers.converted_pair(lambda: SD3Transformer2DModel(**diffusers_sd3_kwargs(cfg)), MMDiT(cfg),
+                                  lambda state: state_dict_from_diffusers(state, cfg))
 
 
 def test_last_text_stream_is_context_only():

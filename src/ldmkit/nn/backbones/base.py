@@ -84,14 +84,20 @@ def attention_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 class Backbone(nn.Module):
     """Base of the denoising backbones: `forward(x, t, context, pooled, context_mask)` and the contract
-    attributes of ldmkit.nn.backbones. A subclass sets `arch`, `config_class`, `presets`, `self.config`
-    (which has `in_channels`, `out_channels`, `context_dim`, `pooled_dim`) and `self.gradient_checkpointing`,
-    and defines `latent_size_multiple` and `_size_rule`."""
+    attributes of ldmkit.nn.backbones. A subclass sets `arch`, `config_class` (whose fields include
+    `in_channels`, `out_channels`, `context_dim`, `pooled_dim`, `gradient_checkpointing`) and `presets`,
+    defines `latent_size_multiple` and `_size_rule`, and calls `super().__init__(config, overrides)`."""
 
     arch: str
     config_class: type
     presets: Mapping[str, Any] | None = None
     size_knob: str  # the config field that sets latent_size_multiple, named in the error
+
+    def __init__(self, config: Any, overrides: Mapping[str, Any]) -> None:
+        """`self.config` from a `config_class` instance, a mapping of its fields or None, with overrides."""
+        super().__init__()
+        self.config = config_from(self.config_class, config, overrides)
+        self.gradient_checkpointing = self.config.gradient_checkpointing
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Backbone:

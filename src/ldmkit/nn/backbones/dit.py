@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.attention import CrossAttention, SelfAttention
-from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, attention_mask, batch_time, config_from
+from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, attention_mask, batch_time
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
     FeedForward,
@@ -109,6 +109,15 @@ DIT_PRESETS: dict[str, DiTConfig] = {
 }
 
 
+def adaln_modulation(conditioning: str, dim: int, n: int) -> tuple[nn.Parameter | None, nn.Linear | None]:
+    """(table, linear), one of them None: `n` shift/scale/gate vectors of width `dim` per layer come from
+    the shared `t_block` output plus a learned (n, dim) table (adaLN-single, PixArt-α sec. 2.3), or from
+    the layer's own Linear of SiLU(c) (adaLN-Zero, DiT sec. 3.2)."""
+    if conditioning == "adaln_single":
+        return nn.Parameter(torch.randn(n, dim) / dim**0.5), None
+    return None, nn.Linear(dim, n * dim)
+
+
 class DiTBlock(nn.Module):
     """adaLN-modulated self-attention, un-modulated cross-attention, adaLN-modulated MLP (PixArt-α fig. 4)."""
 
@@ -118,12 +127,7 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(dim, config.num_heads, config.qk_norm, bias=True)
         self.cross_attn = CrossAttention(dim, dim, config.num_heads, config.qk_norm, bias=True) if config.context_dim else None
         self.mlp = FeedForward(dim, config.mlp_ratio)
-        if config.conditioning == "adaln_single":
-            self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
-            self.modulation = None
-        else:
-            self.scale_shift_table = None
-            self.modulation = nn.Linear(dim, 6 * dim)
+        self.scale_shift_table, self.modulation = adaln_modulation(config.conditioning, dim, 6)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None):
         """x (B, N, C); cond (B, 6, C) from `t_block` (adaLN-single) or SiLU(c) (B, C) (adaLN-Zero)."""
@@ -147,10 +151,8 @@ class DiT(TransformerBackbone):
     presets = DIT_PRESETS
 
     def __init__(self, config: DiTConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
-        super().__init__()
-        config = config_from(DiTConfig, config, overrides)
-        self.config = config
-        self.gradient_checkpointing = config.gradient_checkpointing
+        super().__init__(config, overrides)
+        config = self.config
         dim = config.width
         self.x_embedder = PatchEmbed(config.in_channels, dim, config.patch_size)
         self.t_embedder = TimestepEmbedder(TIME_FREQ_DIM, dim)
@@ -159,12 +161,7 @@ class DiT(TransformerBackbone):
         # PixArt's caption projection (Linear-GELU-Linear) from the text encoder's width to the model's.
         self.context_embedder = TwoLayerMLP(config.context_dim, dim, act="gelu") if config.context_dim else None
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
-        if config.conditioning == "adaln_single":
-            self.final_scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-            self.final_modulation = None
-        else:
-            self.final_scale_shift_table = None
-            self.final_modulation = nn.Linear(dim, 2 * dim)
+        self.final_scale_shift_table, self.final_modulation = adaln_modulation(config.conditioning, dim, 2)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
         grid = config.sample_size // config.patch_size
         self.register_buffer("pos_embed", self._positions(grid, grid), persistent=False)  # (N, C)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.attention import QKNorm, merge_heads, split_heads
-from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, batch_time, config_from
+from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, batch_time
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
     FeedForward,
@@ -172,10 +172,8 @@ class MMDiT(TransformerBackbone):
     presets = MMDIT_PRESETS
 
     def __init__(self, config: MMDiTConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
-        super().__init__()
-        config = config_from(MMDiTConfig, config, overrides)
-        self.config = config
-        self.gradient_checkpointing = config.gradient_checkpointing
+        super().__init__(config, overrides)
+        config = self.config
         dim = config.width
         self.x_embedder = PatchEmbed(config.in_channels, dim, config.patch_size)
         self.t_embedder = TimestepEmbedder(TIME_FREQ_DIM, dim)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ldmkit.nn.attention import SpatialTransformer
 from ldmkit.nn.backbones.base import (  # noqa: F401  (timestep_embedding: re-exported from its former home)
-    Backbone, TimestepEmbedder, add_pooled, attention_mask, batch_time, config_from, timestep_embedding,
+    Backbone, TimestepEmbedder, add_pooled, attention_mask, batch_time, timestep_embedding,
 )
 from ldmkit.nn.blocks import Downsample, ResnetBlock, Upsample, group_norm, zero_module
 
@@ -154,10 +154,8 @@ class UNet(Backbone):
     size_knob = "channel_mult"
 
     def __init__(self, config: UNetConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
-        super().__init__()
-        config = config_from(UNetConfig, config, overrides)
-        self.config = config
-        self.gradient_checkpointing = config.gradient_checkpointing
+        super().__init__(config, overrides)
+        config = self.config
         c, emb_dim, widths = config.model_channels, config.emb_dim, config.widths
 
         self.time_embed = TimestepEmbedder(c, emb_dim)
