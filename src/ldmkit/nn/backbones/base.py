@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -75,6 +76,20 @@ def batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """The network time as a (B,) tensor on x's device; a scalar (Python or 0-d) is broadcast to the batch."""
     t = torch.as_tensor(t, device=x.device)
     return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+def renamed_keys(state_dict: Mapping[str, torch.Tensor], renames: list[tuple[str, str]],
+                 drop: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """A diffusers state dict under ldmkit's names: each key rewritten by every (regex, replacement) in
+    turn, in order; keys in `drop` (deterministic tables ldmkit recomputes) left out."""
+    out = {}
+    for key, value in state_dict.items():
+        if key in drop:
+            continue
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
 
 
 def attention_mask(context_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -177,4 +192,4 @@ def add_pooled(temb: torch.Tensor, pooled_embedder: nn.Module | None, pooled: to
 
 
 __all__ = ["Backbone", "TimestepEmbedder", "TwoLayerMLP", "add_pooled", "attention_mask", "batch_time", "config_from",
-           "timestep_embedding"]
+           "renamed_keys", "timestep_embedding"]

@@ -25,7 +25,6 @@ diffusers' timestep input is the same number ldmkit passes as `t` (the noise pro
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.attention import CrossAttention, SelfAttention
-from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, attention_mask, batch_time
+from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, attention_mask, batch_time, renamed_keys
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
     FeedForward,
@@ -257,13 +256,7 @@ def state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor], config: Di
         raise ValueError("this PixArt checkpoint has no caption_projection; ldmkit's DiT needs one (caption_channels set)")
     if config.conditioning != "adaln_single":
         raise ValueError(f"PixArt weights need conditioning='adaln_single', the config has {config.conditioning!r}")
-    out = {}
-    for key, value in state_dict.items():
-        if key == "pos_embed.pos_embed":
-            continue  # a deterministic table, recomputed
-        for pattern, replacement in _PIXART_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
+    out = renamed_keys(state_dict, _PIXART_RENAMES, drop={"pos_embed.pos_embed"})  # positions: recomputed
     for i in range(config.depth):
         for kind in ("weight", "bias"):
             q, k, v = (out.pop(f"blocks.{i}.attn1.to_{n}.{kind}") for n in "qkv")

@@ -22,7 +22,6 @@ layers (`dual_attention_layers`), IP-adapter and ControlNet inputs, skip-layer g
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.attention import QKNorm, merge_heads, split_heads
-from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, batch_time
+from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, batch_time, renamed_keys
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
     FeedForward,
@@ -281,13 +280,7 @@ def state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor], config: MM
         raise ValueError(
             f"the checkpoint's caption_projection_dim / width is {width}, the config's width is {config.width}"
         )
-    out = {}
-    for key, value in state_dict.items():
-        if key == "pos_embed.pos_embed":
-            continue  # a deterministic table, recomputed
-        for pattern, replacement in _SD3_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
+    out = renamed_keys(state_dict, _SD3_RENAMES, drop={"pos_embed.pos_embed"})  # positions: recomputed
     for i in range(config.depth):
         for kind in ("weight", "bias"):
             prefix = f"blocks.{i}.attn"

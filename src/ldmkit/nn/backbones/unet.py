@@ -31,7 +31,7 @@ from torch import nn
 
 from ldmkit.nn.attention import SpatialTransformer
 from ldmkit.nn.backbones.base import (  # noqa: F401  (timestep_embedding: re-exported from its former home)
-    Backbone, TimestepEmbedder, add_pooled, attention_mask, batch_time, timestep_embedding,
+    Backbone, TimestepEmbedder, add_pooled, attention_mask, batch_time, renamed_keys, timestep_embedding,
 )
 from ldmkit.nn.blocks import Downsample, ResnetBlock, Upsample, group_norm, zero_module
 
@@ -290,13 +290,10 @@ def state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[st
     kernels flattened to linear weights. ldmkit's GroupNorms use eps 1e-6 everywhere (SD's ResNet
     blocks 1e-5), a difference far below bf16 resolution.
     """
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in _DIFFUSERS_RENAMES:
-            key = re.sub(pattern, replacement, key)
+    out = renamed_keys(state_dict, _DIFFUSERS_RENAMES)
+    for key, value in out.items():
         if re.search(r"attentions\.\d+\.proj_(in|out)\.weight$", key) and value.ndim == 4:
-            value = value.flatten(1)  # (C, C, 1, 1) conv kernel -> (C, C) linear weight
-        out[key] = value
+            out[key] = value.flatten(1)  # (C, C, 1, 1) conv kernel -> (C, C) linear weight
     for prefix in sorted({key.rsplit(".to_q.", 1)[0] for key in out if ".to_q." in key}):
         q, k, v = (out.pop(f"{prefix}.to_{name}.weight") for name in "qkv")
         if prefix.endswith("attn1"):
