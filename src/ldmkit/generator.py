@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ldmkit.artifacts import ArtifactError, load_artifact, read_ldm_artifact, weights_hash
+from ldmkit.artifacts import ArtifactError, load_artifact, read_artifact_config, read_ldm_artifact, weights_hash
 from ldmkit.diffusion import classifier_free_guidance, sample
 from ldmkit.diffusion.processes import NoiseProcess
 from ldmkit.nn.frozen import FrozenEncoders
@@ -183,9 +183,11 @@ class TextToImage:
 def load_text_to_image(folder: str | os.PathLike, device: str | torch.device = "cpu") -> TextToImage:
     """Rebuild the generator from an `ldm` artifact folder (any schema version) and the artifacts it references."""
     from ldmkit.diffusion.processes import process_from_artifact
+    from ldmkit.ldm_checks import check_ldm_config
     from ldmkit.nn.backbones import build_backbone
     from ldmkit.nn.frozen import load_frozen_encoders
 
+    check_ldm_config(folder, read_artifact_config(folder, "ldm"))  # before any weight is read
     tensors, config = load_artifact(folder, "ldm")
     spec = read_ldm_artifact(folder, config, tensors)
     for key in ("autoencoder", "text_encoder"):

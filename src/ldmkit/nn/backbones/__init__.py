@@ -103,6 +103,13 @@ def check_latent_size(backbone: nn.Module, height: int, width: int) -> None:
             f"the {backbone.arch} backbone needs latent height and width that are multiples of {m}, got {height}x{width}. "
             "Change the image resolution (data.resolution), or the backbone's depth / patch size."
         )
+    table, patch = getattr(backbone.config, "pos_embed_max_size", None), getattr(backbone.config, "patch_size", 1)
+    if table is not None and max(height, width) > table * patch:  # MMDiT: positions from a table x table patch table
+        raise BackboneError(
+            f"{height}x{width} latents make a {height // patch}x{width // patch} patch grid, larger than the {backbone.arch} "
+            f"backbone's {table}x{table} position table: raise backbone.pos_embed_max_size (or patch_size), or lower "
+            "the image resolution (data.resolution)."
+        )
 
 
 __all__ = [
