@@ -6,23 +6,34 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ldmkit.eval.report import flatten_row, log_report_to_wandb
 
 
 def scalar_metrics(rows: Sequence[dict]) -> dict[str, float]:
-    """Flat `sampler/steps/guidance/metric` floats (for loggers and Hydra sweepers)."""
+    """Flat `sampler/steps/guidance/metric` floats (for loggers and Hydra sweepers); `model/sampler/...` when the
+    rows carry a model label (several models in one run)."""
     out: dict[str, float] = {}
     for row in rows:
-        prefix = f"{row['sampler']}/{row['steps']}/{row['guidance']:g}"
+        prefix = ("" if row.get("model") is None else f"{row['model']}/") + f"{row['sampler']}/{row['steps']}/{row['guidance']:g}"
         for key, value in flatten_row(row).items():
-            if key in ("sampler", "steps", "guidance") or isinstance(value, bool):
+            if key in ("model", "sampler", "steps", "guidance") or isinstance(value, bool):
                 continue
             if isinstance(value, (int, float)) and value is not None:
                 out[f"{prefix}/{key}"] = float(value)
     return out
+
+
+def models_name(ckpt: Any) -> str:
+    """The evaluated run(s) in a logger run name: the run folder, or the models' labels joined by '-'."""
+    if isinstance(ckpt, DictConfig):
+        return "-".join(map(str, ckpt))
+    if isinstance(ckpt, ListConfig):
+        return "-".join(Path(str(path)).parent.name for path in ckpt)
+    return Path(str(ckpt)).parent.name
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -33,7 +44,7 @@ def build_loggers(cfg: DictConfig) -> list:
     from ldmkit.config import instantiate_group
 
     logger_cfg = cfg.logger.copy()
-    defaults = {"name": f"{cfg.get('task_name', 'eval')}-{Path(str(cfg.ckpt)).parent.name}", "group": "eval"}
+    defaults = {"name": f"{cfg.get('task_name', 'eval')}-{models_name(cfg.ckpt)}", "group": "eval"}
     with open_dict(logger_cfg):
         for node in logger_cfg.values():
             if isinstance(node, DictConfig):

@@ -9,7 +9,7 @@ that is a file, too few held-out captions, ... all fail here with the fix. The c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,14 @@ from ldmkit.eval.checks import (
     check_samplers,
     check_samplers_fit_process,
     check_seeds,
-    check_size,
     check_steps,
     data_identity,
     read_prompts_file,
 )
 from ldmkit.eval.errors import EvalConfigError
 from ldmkit.eval.metrics import EvalContext, MetricSlot, build_metrics
-from ldmkit.eval.sampling import Setting, settings_grid
+from ldmkit.eval.models import EvalModel, check_models_size, plan_models, single_ckpt
+from ldmkit.eval.sampling import Setting
 
 __all__ = ["EvalConfigError", "SampledSetsPlan", "Txt2ImgPlan", "plan_sampled_sets", "plan_txt2img"]
 
@@ -44,7 +44,7 @@ __all__ = ["EvalConfigError", "SampledSetsPlan", "Txt2ImgPlan", "plan_sampled_se
 class SampledSetsPlan:
     """Everything `ldmkit.eval.sampled_sets.run_sampled_sets` needs, checked."""
 
-    ckpt: Path
+    ckpt: Path  # ckpt, ldm_config, settings: the first model's (`models` has every model of the run)
     ldm_config: dict[str, Any]
     settings: list[Setting]
     num_samples: int
@@ -66,6 +66,8 @@ class SampledSetsPlan:
     accelerator: str
     devices: int
     num_nodes: int
+    models: list[EvalModel] = field(default_factory=list)  # every model of the run (ldmkit.eval.models)
+    model_notes: list[str] = field(default_factory=list)  # samplers a model's process does not define, skipped
 
     @property
     def active(self) -> list[Any]:
@@ -122,11 +124,11 @@ def _check_num_samples(value: Any, batch_size: int, split: str, length: int | No
 def plan_sampled_sets(cfg: DictConfig) -> SampledSetsPlan:
     """Check the whole config (cheap: no weights are read, no image is drawn)."""
     output_dir = check_output_dir(cfg)
-    ckpt, ldm_config = check_ckpt(cfg.get("ckpt"))
     samplers = check_samplers(as_list(cfg.get("samplers")))
-    check_samplers_fit_process(samplers, ldm_config)
-    settings = settings_grid(samplers, check_steps(as_list(cfg.get("steps"))), check_guidance(as_list(cfg.get("guidance"))))
-    height, width = check_size(cfg, ldm_config)
+    models, model_notes = plan_models(cfg.get("ckpt"), samplers, check_steps(as_list(cfg.get("steps"))),
+                                      check_guidance(as_list(cfg.get("guidance"))))
+    ckpt, ldm_config, settings = models[0].path, models[0].config, list(models[0].settings)
+    height, width = check_models_size(cfg, models)
     batch_size = check_positive_int(cfg, "batch_size")
     devices, num_nodes = check_positive_int(cfg, "devices"), check_positive_int(cfg, "num_nodes")
     sampler_options = check_sampler_options(cfg, samplers)
@@ -164,6 +166,7 @@ def plan_sampled_sets(cfg: DictConfig) -> SampledSetsPlan:
         datamodule=datamodule, file_prompts=file_prompts, metrics=metrics, context=context, output_dir=output_dir,
         save_images=bool(cfg.get("save_images")), grid_size=min(int(cfg.get("grid_prompts", 8)), num_samples),
         accelerator=str(cfg.get("accelerator", "auto")), devices=devices, num_nodes=num_nodes,
+        models=models, model_notes=model_notes,
     )
 
 
@@ -197,7 +200,7 @@ def _single(key: str, values: list[Any]) -> Any:
 def plan_txt2img(cfg: DictConfig) -> Txt2ImgPlan:
     """Every check before the model is loaded."""
     output_dir = check_output_dir(cfg)
-    ckpt, ldm_config = check_ckpt(cfg.get("ckpt"))
+    ckpt, ldm_config = check_ckpt(single_ckpt(cfg.get("ckpt"), "txt2img"))
     prompt = cfg.get("prompt")
     if not prompt or not str(prompt).strip():
         raise EvalConfigError('task=txt2img needs a prompt: prompt="a red circle on the left".')
@@ -206,7 +209,7 @@ def plan_txt2img(cfg: DictConfig) -> Txt2ImgPlan:
     check_samplers_fit_process([sampler], ldm_config)
     setting = Setting(sampler, _single("steps", check_steps(as_list(cfg.get("steps")))),
                       _single("guidance", check_guidance(as_list(cfg.get("guidance")))))
-    height, width = check_size(cfg, ldm_config)
+    height, width = check_models_size(cfg, [EvalModel(None, ckpt, ldm_config, ())])
     num_images = check_positive_int(cfg, "num_images")
     return Txt2ImgPlan(
         ckpt=ckpt, prompt=str(prompt), negative_prompt=str(cfg.get("negative_prompt") or ""), setting=setting,

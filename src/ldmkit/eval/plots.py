@@ -112,6 +112,11 @@ def line_plot_svg(
     return "\n".join(parts)
 
 
+def series_name(row: Row) -> str:
+    """A row's sampler, prefixed by its model's label when the run compares several models (`ldmkit.eval.models`)."""
+    return f"{row['model']}: {row.get('sampler')}" if row.get("model") else str(row.get("sampler"))
+
+
 def fid_vs_nfe_svgs(rows: Sequence[Row]) -> list[str]:
     """FID against NFE, one line per sampler; one plot per guidance scale."""
     by_guidance: dict[Any, dict[str, list]] = {}
@@ -119,8 +124,8 @@ def fid_vs_nfe_svgs(rows: Sequence[Row]) -> list[str]:
         by_guidance.setdefault(r.get("guidance"), {})
         if _missing(r.get("fid")) or _missing(r.get("nfe")):
             continue
-        label = f"{r.get('sampler')}: {r.get('steps')} steps, NFE {r['nfe']}, FID {r['fid']:.2f}"
-        by_guidance[r.get("guidance")].setdefault(str(r.get("sampler")), []).append((r["nfe"], r["fid"], label))
+        label = f"{series_name(r)}: {r.get('steps')} steps, NFE {r['nfe']}, FID {r['fid']:.2f}"
+        by_guidance[r.get("guidance")].setdefault(series_name(r), []).append((r["nfe"], r["fid"], label))
     plots = []
     for guidance in sorted(by_guidance, key=_num):
         series = by_guidance[guidance]
@@ -138,7 +143,7 @@ def clip_vs_fid_svg(rows: Sequence[Row]) -> str:
     for r in rows:
         if _missing(r.get("fid")) or _missing(r.get("clip_score")):
             continue
-        name = f"{r.get('sampler')} / {r.get('steps')} steps"
+        name = f"{series_name(r)} / {r.get('steps')} steps"
         label = f"{name}, guidance {_fmt(r.get('guidance'), 'g')}: FID {r['fid']:.2f}, CLIP {r['clip_score']:.2f}"
         note = f"w={_fmt(r.get('guidance'), 'g')}"
         series.setdefault(name, []).append((r["fid"], r["clip_score"], label, note))
