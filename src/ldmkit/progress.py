@@ -102,8 +102,8 @@ class StepStatus:
         if self.state == "done":
             return f"{self.name}: done in {clock(elapsed)}"
         record = self.record
-        if record is None:
-            return f"{self.name}: starting  {clock(elapsed)} elapsed"
+        if record is None:  # not yet training (imports, data), or a step that reports no progress
+            return f"{self.name}: {'starting' if self.progress_file else 'running'}  {clock(elapsed)} elapsed"
         total, step = record.get("total"), record["step"]
         count = f"{step}/{total}" if total else f"step {step}"
         pct = f"  {100 * step / total:3.0f}%" if total else ""

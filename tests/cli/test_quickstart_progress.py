@@ -41,10 +41,12 @@ def test_reader_ignores_missing_partial_and_earlier_runs_files(tmp_path):
 
 
 def test_status_lines_say_step_total_elapsed_and_eta():
-    status = StepStatus("autoencoder")
+    status = StepStatus("autoencoder", Path("progress.json"))
     assert status.describe(0.0) == "autoencoder: waiting"
     status.started, status.state = 100.0, "running"
     assert status.describe(110.0) == "autoencoder: starting  0:10 elapsed"
+    judge = StepStatus("judge", state="running", started=100.0)  # writes no progress file
+    assert judge.describe(112.0) == "judge: running  0:12 elapsed"
     status.record = {"step": 612, "total": 1500, "step0": 0, "started": 120.0, "time": 250.0, "phase": "train"}
     line = status.describe(251.0)
     assert "612/1500" in line and " 41%" in line and "2:31 elapsed" in line
@@ -58,7 +60,7 @@ def test_status_lines_say_step_total_elapsed_and_eta():
 
 
 def test_terminal_redraws_the_lane_lines_in_place(tmp_path):
-    lanes = [[StepStatus("autoencoder", tmp_path / "a.json")], [StepStatus("clip"), StepStatus("judge")]]
+    lanes = [[StepStatus("autoencoder", tmp_path / "a.json")], [StepStatus("clip", tmp_path / "c.json"), StepStatus("judge")]]
     for lane in lanes:
         lane[0].start()
     write_progress(tmp_path / "a.json", {"step": 5, "total": 10, "step0": 0, "started": 0.0, "time": 1.0})
