@@ -10,8 +10,9 @@ kid_mean, kid_std, clip_score, clip_model (the model that computed clip_score), 
 ({"colour", "shape", "both"} or None). The table's columns come from the metrics (`report_columns`);
 the notes on how the numbers were measured are given by the caller. Files are written atomically and
 never replace an earlier report: a folder that holds one gets report-2.md, report-3.md, ...
-Grids map a setting `(sampler, steps, guidance)` (or any label string) to one image
-(PIL, uint8 (3, H, W) / (H, W, 3), or float (3, H, W) in [-1, 1]).
+Grids map a setting `(sampler, steps, guidance)`, a labelled group of a setting `(label, sampler, steps,
+guidance)` (e.g. a prompt-suite category), or any label string to one image (PIL, uint8 (3, H, W) /
+(H, W, 3), or float (3, H, W) in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -92,21 +93,31 @@ def grid_label(key: Any) -> str:
     if isinstance(key, tuple) and len(key) == 3:
         sampler, steps, guidance = key
         return f"{sampler}, {steps} steps, guidance {guidance:g}"
+    if isinstance(key, tuple) and len(key) == 4:
+        label, sampler, steps, guidance = key
+        return f"{label}: {sampler}, {steps} steps, guidance {guidance:g}"
     return str(key)
 
 
 def _grid_sections(grids: Mapping[Any, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
     """Group grids by (steps, guidance) so the samplers of one setting sit side by side."""
+    labels = list(dict.fromkeys(key[0] for key in grids if isinstance(key, tuple) and len(key) == 4))
+
     def order(key: Any) -> tuple:
         if isinstance(key, tuple) and len(key) == 3:
-            return (0, _num(key[1]), _num(key[2]), str(key[0]))
-        return (1, 0.0, 0.0, str(key))
+            return (0, 0, _num(key[1]), _num(key[2]), str(key[0]))
+        if isinstance(key, tuple) and len(key) == 4:  # labelled groups after the settings' own grids, in given order
+            return (1, labels.index(key[0]), _num(key[2]), _num(key[3]), str(key[1]))
+        return (2, 0, 0.0, 0.0, str(key))
 
     sections: dict[str, list[tuple[str, Any]]] = {}
     for key in sorted(grids, key=order):
         if isinstance(key, tuple) and len(key) == 3:
             sampler, steps, guidance = key
             sections.setdefault(f"{steps} steps, guidance {guidance:g}", []).append((str(sampler), grids[key]))
+        elif isinstance(key, tuple) and len(key) == 4:
+            label, sampler, steps, guidance = key
+            sections.setdefault(f"{label}: {steps} steps, guidance {guidance:g}", []).append((str(sampler), grids[key]))
         else:
             sections.setdefault("samples", []).append((str(key), grids[key]))
     return list(sections.items())

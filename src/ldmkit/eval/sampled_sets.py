@@ -43,13 +43,20 @@ def heldout_captions(datamodule: Any, split: str, count: int) -> tuple[list[str]
 
 
 def build_prompt_set(plan: SampledSetsPlan) -> PromptSet:
+    """The run's prompts, then each metric's own (a prompt suite: drawn with every setting, scored by it alone)."""
     if plan.file_prompts is not None:
-        return make_prompt_set(plan.file_prompts, plan.num_samples, plan.base_seed,
-                               source=f"prompts file ({len(plan.file_prompts)} prompts, cycled)")
-    captions, targets = heldout_captions(plan.datamodule, plan.split, plan.num_samples)
-    name = getattr(plan.datamodule, "name", "data")
-    return make_prompt_set(captions, plan.num_samples, plan.base_seed, targets,
-                           source=f"the first {plan.num_samples} captions of the {name} '{plan.split}' split")
+        prompt_set = make_prompt_set(plan.file_prompts, plan.num_samples, plan.base_seed,
+                                     source=f"prompts file ({len(plan.file_prompts)} prompts, cycled)")
+    else:
+        captions, targets = heldout_captions(plan.datamodule, plan.split, plan.num_samples)
+        name = getattr(plan.datamodule, "name", "data")
+        prompt_set = make_prompt_set(captions, plan.num_samples, plan.base_seed, targets,
+                                     source=f"the first {plan.num_samples} captions of the {name} '{plan.split}' split")
+    for metric in plan.active:
+        own = metric.own_prompts(plan.context)
+        if own is not None:
+            prompt_set = prompt_set.with_own_prompts(metric.name, own)
+    return prompt_set
 
 
 def run_notes(plan: SampledSetsPlan, loaded: Sequence[tuple[EvalModel, str]], prompt_set: PromptSet, world_size: int,

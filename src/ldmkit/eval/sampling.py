@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.eval.fid import to_uint8_images
-from ldmkit.eval.metrics.base import Metric, SampledBatch
+from ldmkit.eval.metrics.base import Metric, OwnPrompts, SampledBatch
 from ldmkit.eval.pngmeta import GenerationParameters, save_png_with_parameters
 
 Gather = Callable[[Any], list[Any]]  # all_gather_object: this rank's object -> every rank's, in rank order
@@ -61,19 +61,32 @@ def settings_grid(samplers: Sequence[str], steps: Sequence[int], guidance: Seque
 @dataclass
 class PromptSet:
     """Sample i: prompts[i] from seeds[i]; targets[i] are the attributes the prompt asks for
-    (`{"objects": [...]}`, for the prompt-accuracy judge) or None."""
+    (`{"objects": [...]}`, for the prompt-accuracy judge) or None. owners[i] is None for the run's prompt
+    set (scored by every metric without prompts of its own) or the name of the metric whose own prompt it
+    is (`Metric.own_prompts`: scored by that metric alone); grids maps a label to samples shown together."""
 
     prompts: list[str]
     seeds: list[int]
     targets: list[dict | None]
     source: str = ""
+    owners: list[str | None] = field(default_factory=list)
+    grids: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not len(self.prompts) == len(self.seeds) == len(self.targets):
-            raise ValueError(f"{len(self.prompts)} prompts, {len(self.seeds)} seeds, {len(self.targets)} targets")
+        self.owners = list(self.owners) or [None] * len(self.prompts)
+        if not len(self.prompts) == len(self.seeds) == len(self.targets) == len(self.owners):
+            raise ValueError(f"{len(self.prompts)} prompts, {len(self.seeds)} seeds, {len(self.targets)} targets, "
+                             f"{len(self.owners)} owners")
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def with_own_prompts(self, metric: str, own: OwnPrompts) -> PromptSet:
+        """This set followed by `metric`'s own prompts (their grids' indices shifted to match)."""
+        offset = len(self)
+        grids = {**self.grids, **{label: [offset + k for k in samples] for label, samples in own.grids.items()}}
+        return PromptSet(self.prompts + list(own.prompts), self.seeds + list(own.seeds),
+                         self.targets + list(own.targets), self.source, self.owners + [metric] * len(own.prompts), grids)
 
 
 def make_prompt_set(prompts: Sequence[str], num_samples: int, base_seed: int,
@@ -105,6 +118,7 @@ class ShardResult:
     peak_mem_mb: float | None = None
     nfe: int | None = None
     grid: dict[int, Tensor] = field(default_factory=dict)  # sample index -> uint8 (3, H, W)
+    group_grid: dict[int, Tensor] = field(default_factory=dict)  # the same, for the samples of `PromptSet.grids`
 
 
 class ForwardCounter:
@@ -175,6 +189,7 @@ def sample_shard(
     result = ShardResult()
     reset_peak_memory(device)
     options = dict(sampler_options or {})
+    grouped = {i for samples in prompt_set.grids.values() for i in samples}
     for number, (j, batch) in enumerate(batches):
         prompts = [prompt_set.prompts[i] for i in batch]
         seeds = [prompt_set.seeds[i] for i in batch]
@@ -194,8 +209,10 @@ def sample_shard(
         result.images += len(prompts)
         _score_batch(result, j, batch, images, prompt_set, metrics)
         for k, i in enumerate(batch):
-            if i < grid_size:
+            if i < grid_size and prompt_set.owners[i] is None:
                 result.grid[i] = to_uint8_images(images[k : k + 1]).cpu()[0]
+            elif i in grouped:
+                result.group_grid[i] = to_uint8_images(images[k : k + 1]).cpu()[0]
             if image_dir is not None:
                 params = generation_parameters(t2i, setting, prompt_set.prompts[i], negative_prompt,
                                                prompt_set.seeds[i], width, height, guidance_rescale, options)
@@ -208,10 +225,19 @@ def sample_shard(
 @torch.no_grad()
 def _score_batch(result: ShardResult, j: int, batch: range, images: Tensor, prompt_set: PromptSet,
                  metrics: Sequence[Metric]) -> None:
-    sampled = SampledBatch(list(batch), images, [prompt_set.prompts[i] for i in batch],
-                           [prompt_set.targets[i] for i in batch])
+    owners = set(prompt_set.owners)
+    by_owner: dict[str | None, SampledBatch] = {}  # one batch per owner: metrics share its cached features
     for metric in metrics:
-        result.partials.setdefault(metric.name, {})[j] = metric.update(sampled)
+        owner = metric.name if metric.name in owners else None
+        if owner not in by_owner:
+            keep = [k for k, i in enumerate(batch) if prompt_set.owners[i] == owner]
+            if not keep:
+                continue
+            picked = [batch[k] for k in keep]
+            by_owner[owner] = SampledBatch(picked, images if len(keep) == len(batch) else images[keep],
+                                           [prompt_set.prompts[i] for i in picked],
+                                           [prompt_set.targets[i] for i in picked])
+        result.partials.setdefault(metric.name, {})[j] = metric.update(by_owner[owner])
 
 
 def empty_row(metric_classes: Sequence[type[Metric]]) -> dict[str, Any]:
@@ -246,6 +272,13 @@ def merge_shards(
     return row, grid
 
 
+def merge_group_grids(shards: Sequence[ShardResult], groups: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """label -> the label's samples side by side (3, H, K·W), from every rank's shard."""
+    images = {i: im for shard in shards for i, im in shard.group_grid.items()}
+    return {label: torch.cat([images[i] for i in samples], dim=2) for label, samples in groups.items()
+            if samples and all(i in images for i in samples)}
+
+
 def evaluate_settings(
     t2i: Any,
     prompt_set: PromptSet,
@@ -270,7 +303,8 @@ def evaluate_settings(
 
     `gather` is all_gather_object over the process group (None: a single process). `metrics` are set
     up (`Metric.setup`); `off` are configured metrics that are not measured (n/a fields).
-    `sampler_options` maps a sampler name to the options it gets (eta, spacing, ...).
+    `sampler_options` maps a sampler name to the options it gets (eta, spacing, ...). Grids are keyed by
+    `setting.key` (the first `grid_size` prompts) and `(label, *setting.key)` for each of `prompt_set.grids`.
     """
     gather = gather or (lambda obj: [obj])
     batches = rank_batches(plan_batches(len(prompt_set), batch_size), rank, world_size)
@@ -288,6 +322,8 @@ def evaluate_settings(
         rows.append(row)
         if grid is not None:
             grids[setting.key] = grid
+        for label, group_grid in merge_group_grids(shards, prompt_set.grids).items():
+            grids[(label, *setting.key)] = group_grid
         if on_setting is not None:
             on_setting(setting, row)
     return rows, grids

@@ -36,6 +36,21 @@ _POSITION_SHORT = {
     "centre": ("centre", "center", "middle"),
 }
 _RELATION = {"left": "to the left of", "right": "to the right of", "top": "above", "bottom": "below"}
+# Two identical objects (counting scenes): plural shape words, and where the pair sits.
+_PLURAL_WORDS = {
+    "circle": ("circles", "disks"),
+    "square": ("squares", "square shapes"),
+    "triangle": ("triangles", "triangle shapes"),
+    "diamond": ("diamonds", "rhombi"),
+    "star": ("stars", "five-pointed stars"),
+    "cross": ("crosses", "plus signs"),
+}
+_PAIR_PHRASES = {
+    "left": ("on the left and on the right", "side by side", "left and right"),
+    "top": ("at the top and at the bottom", "one above the other", "top and bottom"),
+}
+# {N} "two"/"a pair of", {S} size, {C} colour, {Hs} plural shape, {PP} where the pair sits.
+_PAIR_TEMPLATES = ("{N} {S} {C} {Hs} {PP}", "{N} {S} {C} {Hs}", "{PP}, {N} {S} {C} {Hs}", "{S} {C} {Hs}, two of them")
 _BACKGROUND_WORDS = {"dark": ("dark", "black"), "gray": ("gray", "grey"), "light": ("light", "white")}
 
 # One template per line; {S} size, {C} colour, {H} shape, {P} position phrase, {p} short position.
@@ -99,7 +114,9 @@ def make_caption(attributes: dict, rng: random.Random | int | None = None) -> st
             objects = objects[::-1]
         a, b = objects
         style = 0 if rng is None else rng.randrange(4)
-        if style == 1 and a.get("position") in _RELATION and b.get("position") == _OPPOSITE[a["position"]]:
+        if rng is not None and _identical(a, b) and rng.random() < 0.5:  # the rng draw only for identical pairs
+            caption = _pair_phrase(a, b, rng)
+        elif style == 1 and a.get("position") in _RELATION and b.get("position") == _OPPOSITE[a["position"]]:
             no_pos = [{k: v for k, v in o.items() if k != "position"} for o in (a, b)]
             caption = f"{_object_phrase(no_pos[0], rng)} {_RELATION[a['position']]} {_object_phrase(no_pos[1], rng)}"
         elif style == 2:
@@ -113,6 +130,25 @@ def make_caption(attributes: dict, rng: random.Random | int | None = None) -> st
         word = rng.choice(_BACKGROUND_WORDS[background])
         caption += f", {word} background" if rng.random() < 0.5 else f" on a {word} background"
     return _tidy(caption)
+
+
+def _identical(a: dict, b: dict) -> bool:
+    """Two objects that differ at most in position (a counting scene), shape and colour named."""
+    return bool(a.get("shape") and a.get("colour")) and all(a.get(k) == b.get(k) for k in ("shape", "colour", "size"))
+
+
+def _pair_phrase(a: dict, b: dict, rng: random.Random) -> str:
+    """"two small red circles side by side", "a pair of red circles", ... for two identical objects."""
+    positions = {a.get("position"), b.get("position")}
+    axis = next((p for p in ("left", "top") if positions == {p, _OPPOSITE[p]}), None)
+    words = {
+        "N": rng.choice(("two", "two", "a pair of")),
+        "S": rng.choice(_SIZE_WORDS[a["size"]]) if a.get("size") else "",
+        "C": a["colour"],
+        "Hs": rng.choice(_PLURAL_WORDS[a["shape"]]),
+        "PP": rng.choice(_PAIR_PHRASES[axis]) if axis else "",
+    }
+    return _tidy(rng.choice(_PAIR_TEMPLATES).format(**words))
 
 
 def _caption_for_training(attributes: dict, rng: random.Random, omit_prob: float, background_prob: float) -> str:

@@ -12,9 +12,18 @@ from torch.utils.data import Dataset
 from ldmkit.data.base import SPLITS, ImageTextDataModule
 from ldmkit.data.images import validate_resolution
 from ldmkit.data.shapes.captions import _caption_for_training, mirror_sample
-from ldmkit.data.shapes.render import render_scenes
-from ldmkit.data.shapes.scenes import COLOURS, MIN_RESOLUTION, POSITIONS, SHAPES, SIZES, sample_keys, sample_scenes
+from ldmkit.data.shapes import suite
+from ldmkit.data.shapes.render import render_attributes, render_scenes
+from ldmkit.data.shapes.scenes import (
+    _POSITION_XY, COLOUR_RGB, COLOURS, MIN_RESOLUTION, POSITIONS, SHAPES, SIZES, sample_keys, sample_scenes,
+)
 
+
+
+def _check_probabilities(two_object_prob: float, same_pair_prob: float) -> None:
+    for name, value in (("two_object_prob", two_object_prob), ("same_pair_prob", same_pair_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"shapes: {name} must be in [0, 1], got {value}")
 
 
 class ShapesDataset(Dataset):
@@ -31,25 +40,26 @@ class ShapesDataset(Dataset):
         background_prob: float = 0.25,
         supersample: int | None = None,
         hflip: bool = False,
+        same_pair_prob: float = 0.25,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if size < 1:
             raise ValueError(f"shapes: {split} size must be >= 1, got {size}")
-        if not 0.0 <= two_object_prob <= 1.0:
-            raise ValueError(f"shapes: two_object_prob must be in [0, 1], got {two_object_prob}")
+        _check_probabilities(two_object_prob, same_pair_prob)
         self.split, self.size, self.seed = split, int(size), int(seed)
         self.resolution = validate_resolution(resolution, MIN_RESOLUTION, "shapes")
         self.two_object_prob, self.omit_prob, self.background_prob = two_object_prob, omit_prob, background_prob
         self.supersample = supersample
         self.hflip = hflip
+        self.same_pair_prob = same_pair_prob
 
     def __len__(self) -> int:
         return self.size
 
     def attributes(self, index: int) -> dict:
         """Attributes of sample `index` without rendering it."""
-        return sample_scenes(sample_keys(self.seed, self.split, [index]), self.two_object_prob)[1][0]
+        return sample_scenes(sample_keys(self.seed, self.split, [index]), self.two_object_prob, self.same_pair_prob)[1][0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
@@ -62,7 +72,7 @@ class ShapesDataset(Dataset):
                 raise IndexError(f"index {i} out of range for shapes {self.split} split of size {self.size}")
         indices = [i % self.size for i in indices]
         keys = sample_keys(self.seed, self.split, indices)
-        scene, attributes = sample_scenes(keys, self.two_object_prob)
+        scene, attributes = sample_scenes(keys, self.two_object_prob, self.same_pair_prob)
         images = render_scenes(scene, self.resolution, self.supersample)
         samples = []
         for image, attrs, key in zip(images, attributes, keys.tolist()):
@@ -99,6 +109,7 @@ class ShapesDataModule(ImageTextDataModule):
         omit_prob: float = 0.15,
         background_prob: float = 0.25,
         supersample: int | None = None,
+        same_pair_prob: float = 0.25,
         **loader_options: Any,
     ) -> None:
         super().__init__(batch_size, num_workers, resolution, seed, **loader_options)
@@ -106,15 +117,15 @@ class ShapesDataModule(ImageTextDataModule):
         for split, n in self.sizes.items():
             if n < 1:
                 raise ValueError(f"shapes: {split}_size must be >= 1, got {n}")
-        if not 0.0 <= two_object_prob <= 1.0:
-            raise ValueError(f"shapes: two_object_prob must be in [0, 1], got {two_object_prob}")
+        _check_probabilities(two_object_prob, same_pair_prob)
         self.two_object_prob, self.omit_prob, self.background_prob = two_object_prob, omit_prob, background_prob
         self.supersample = supersample
+        self.same_pair_prob = same_pair_prob
 
     def make_dataset(self, split: str, augment: bool = False) -> ShapesDataset:
         return ShapesDataset(
             split, self.sizes[split], self.resolution, self.seed, self.two_object_prob,
-            self.omit_prob, self.background_prob, self.supersample, hflip=augment,
+            self.omit_prob, self.background_prob, self.supersample, hflip=augment, same_pair_prob=self.same_pair_prob,
         )
 
     # --- hooks read by evaluation code, so that it needs no knowledge of this dataset
@@ -146,4 +157,21 @@ class ShapesDataModule(ImageTextDataModule):
             "judged_prompts": "single-object",
             "unjudged_prompts": "two-object prompts are not judged",
             "training_set": training_set,
+            "palette": COLOUR_RGB,  # what the object finder (ldmkit.eval.objects) segments and names colours by
+            "anchors": _POSITION_XY,  # position name -> (x, y) centre, as fractions of the width
+        }
+
+    @staticmethod
+    def compositional_suite() -> dict[str, Any]:
+        """The compositional prompt suite (ldmkit.data.shapes.suite) and how to draw real images for and against
+        each of its prompts (the object judge's own accuracy, `ldmkit.eval.compositional`)."""
+        return {
+            "name": "shapes",
+            "categories": suite.CATEGORIES,
+            "checked": suite.CHECKED,
+            "frame": suite.SUITE_FRAME,
+            "prompts": suite.suite_prompts,
+            "scene_for": suite.scene_for,
+            "counterpart": suite.counterpart,
+            "render": render_attributes,
         }

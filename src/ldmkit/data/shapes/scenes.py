@@ -134,12 +134,18 @@ def _fill_object(scene: dict, rows: np.ndarray, slot: int, obj: dict[str, np.nda
     scene["rgb"][rows, slot] = rgb
 
 
-def sample_scenes(keys: np.ndarray, two_object_prob: float = 0.3) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Draw scenes for per-sample keys: (render parameters for `render_scenes`, attribute dicts)."""
+def sample_scenes(keys: np.ndarray, two_object_prob: float = 0.3,
+                  same_pair_prob: float = 0.0) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Draw scenes for per-sample keys: (render parameters for `render_scenes`, attribute dicts).
+
+    `same_pair_prob` of the two-object scenes repeat the first object's shape, colour and size (counting
+    scenes: "two small red circles"); the draw deciding it is otherwise unused, so other scenes are unchanged.
+    """
     n = len(keys)
     u = _uniforms(keys, _NUM_DRAWS)
     scene = _empty_scene(n)
     two = u[:, 0] < two_object_prob
+    same = two & (u[:, _DRAWS_SCENE + _DRAWS_OBJECT - 1] < same_pair_prob)
     tone = _pick(u[:, 1], len(BACKGROUNDS))
     style = _pick(u[:, 2], len(BACKGROUND_STYLES))
     _fill_background(scene, np.arange(n), tone, style, u[:, 3:11])
@@ -157,6 +163,8 @@ def sample_scenes(keys: np.ndarray, two_object_prob: float = 0.3) -> tuple[dict[
             "size": _pick(u[:, base + 2], len(SIZES)),
             "position": positions[slot],
         }
+        if slot == 1:  # counting scenes: the second object is a copy of the first, at the opposite position
+            obj.update({k: np.where(same, objects[0][k], obj[k]) for k in ("shape", "colour", "size")})
         rows = np.arange(n) if slot == 0 else np.flatnonzero(two)
         _fill_object(scene, rows, slot, {k: v[rows] for k, v in obj.items()}, u[rows, base + 3 : base + 9])
         objects.append(obj)

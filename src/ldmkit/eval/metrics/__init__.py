@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ldmkit.eval.errors import EvalConfigError
-from ldmkit.eval.metrics.base import Column, EvalContext, Metric, SampledBatch
+from ldmkit.eval.metrics.base import Column, EvalContext, Metric, OwnPrompts, SampledBatch
 
-__all__ = ["Column", "EvalContext", "Metric", "MetricSlot", "SampledBatch", "build_metrics", "metric_classes"]
+__all__ = ["Column", "EvalContext", "Metric", "MetricSlot", "OwnPrompts", "SampledBatch", "build_metrics",
+           "metric_classes"]
 
 
 def metric_classes() -> dict[str, type[Metric]]:

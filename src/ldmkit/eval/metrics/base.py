@@ -8,6 +8,10 @@ A metric is one class, configured by one file in `conf/metrics/` (`_target_` + o
   (so N processes give bit for bit the numbers of one),
 - declares its report `columns` and the fields (`row`) it fills, and writes a `note` on how it was measured.
 
+A metric that brings its own prompts (a prompt suite, e.g. `compositional`) returns them from `own_prompts`:
+they are drawn with every setting after the run's prompt set and scored by that metric alone (the others
+never see them), with report grids of the sample groups it names.
+
 Features that several metrics share (e.g. Inception features for FID and KID) are computed once per
 batch through `SampledBatch.features(extractor)`; shared networks and references through
 `EvalContext.shared(key, build)`.
@@ -113,6 +117,22 @@ class SampledBatch:
         return self._features[key]
 
 
+@dataclass
+class OwnPrompts:
+    """A metric's own prompts: sample k is `prompts[k]` from `seeds[k]` with `targets[k]`; `grids` maps a
+    label to the samples (indices into `prompts`) shown side by side for every setting in the report."""
+
+    prompts: list[str]
+    seeds: list[int]
+    targets: list[dict | None]
+    source: str = ""
+    grids: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not len(self.prompts) == len(self.seeds) == len(self.targets):
+            raise ValueError(f"{len(self.prompts)} prompts, {len(self.seeds)} seeds, {len(self.targets)} targets")
+
+
 # --- the contract ---------------------------------------------------------------------------
 
 
@@ -139,6 +159,10 @@ class Metric:
         """Cheap checks before anything is loaded; raise EvalConfigError with the fix, or return False
         when the metric does not apply to this run."""
         return True
+
+    def own_prompts(self, context: EvalContext) -> OwnPrompts | None:
+        """Prompts this metric draws for itself and alone scores (None: it scores the run's prompt set)."""
+        return None
 
     def setup(self, context: EvalContext) -> None:
         """Load what scores (on `context.device`); runs on rank 0 first, so caches are filled once."""
