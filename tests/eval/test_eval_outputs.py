@@ -118,4 +118,4 @@ def test_metric_switches_and_unknown_metrics(tiny_artifacts, tmp_path, no_sampli
     assert [(slot.name, slot.on) for slot in plan.metrics] == [
         ("fid", False), ("kid", False), ("clip_score", True), ("prompt_accuracy", True)]
     message = _plan_error([f"ckpt={tiny_artifacts['ldm']}", *QUICK, "+metrics.fd_nothing=true"], tmp_path)
-    assert "'fd_nothing'" in message and "known: clip_score, cmmd, fd_dinov2, fid, kid, prdc, prompt_accuracy" in message
+    assert "'fd_nothing'" in message and "known: clip_score, cmmd, compositional, fd_dinov2, fid, kid, prdc, prompt_accuracy" in message

@@ -41,7 +41,7 @@ _PLURAL_WORDS = {
     "circle": ("circles", "disks"),
     "square": ("squares", "square shapes"),
     "triangle": ("triangles", "triangle shapes"),
-    "diamond": ("diamonds", "rhombi"),
+    "diamond": ("diamonds", "rhombuses"),
     "star": ("stars", "five-pointed stars"),
     "cross": ("crosses", "plus signs"),
 }

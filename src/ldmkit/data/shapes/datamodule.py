@@ -12,11 +12,11 @@ from torch.utils.data import Dataset
 from ldmkit.data.base import SPLITS, ImageTextDataModule
 from ldmkit.data.images import validate_resolution
 from ldmkit.data.shapes.captions import _caption_for_training, mirror_sample
-from ldmkit.data.shapes import suite
 from ldmkit.data.shapes.render import render_attributes, render_scenes
 from ldmkit.data.shapes.scenes import (
     _POSITION_XY, COLOUR_RGB, COLOURS, MIN_RESOLUTION, POSITIONS, SHAPES, SIZES, sample_keys, sample_scenes,
 )
+from ldmkit.data.shapes.suite import CATEGORIES, CHECKED, SUITE_FRAME, counterpart, scene_for, suite_prompts
 
 
 
@@ -167,11 +167,11 @@ class ShapesDataModule(ImageTextDataModule):
         each of its prompts (the object judge's own accuracy, `ldmkit.eval.compositional`)."""
         return {
             "name": "shapes",
-            "categories": suite.CATEGORIES,
-            "checked": suite.CHECKED,
-            "frame": suite.SUITE_FRAME,
-            "prompts": suite.suite_prompts,
-            "scene_for": suite.scene_for,
-            "counterpart": suite.counterpart,
+            "categories": CATEGORIES,
+            "checked": CHECKED,
+            "frame": SUITE_FRAME,
+            "prompts": suite_prompts,
+            "scene_for": scene_for,
+            "counterpart": counterpart,
             "render": render_attributes,
         }

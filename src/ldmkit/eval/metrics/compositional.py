@@ -12,7 +12,7 @@ from typing import Any
 from ldmkit.data.shapes.suite import CATEGORIES
 from ldmkit.eval.errors import EvalConfigError
 from ldmkit.eval.metrics.base import Column, EvalContext, Metric, OwnPrompts, Row, SampledBatch, missing
-from ldmkit.eval.plan import check_seeds
+from ldmkit.eval.checks import check_seeds
 
 MODES = ("auto", "required")
 
