@@ -137,3 +137,15 @@ def test_partials_are_small_counters(tiny_artifacts):
                          [{"category": "counting", "objects": [{"shape": "star"}]},
                           {"category": "counting", "objects": [{"shape": "star"}] * 2}])
     assert metric.update(batch) == Counter({("counting", "correct"): 1, ("counting", "wrong"): 1})
+
+
+def test_group_grids_keep_their_label_when_a_report_holds_several_models():
+    from pathlib import Path
+
+    from ldmkit.eval.models import EvalModel
+    from ldmkit.eval.sampled_sets import model_grid_key
+
+    flow = EvalModel("flow", Path("."), {}, (Setting("euler", 4, 3.0),))
+    assert model_grid_key(flow, ("euler", 4, 3.0)) == ("flow: euler", 4, 3.0)
+    assert model_grid_key(flow, ("counting", "euler", 4, 3.0)) == ("counting", "flow: euler", 4, 3.0)
+    assert grid_label(("counting", "flow: euler", 4, 3.0)) == "counting: flow: euler, 4 steps, guidance 3"

@@ -87,6 +87,11 @@ def run_notes(plan: SampledSetsPlan, loaded: Sequence[tuple[EvalModel, str]], pr
     ]
 
 
+def model_grid_key(model: EvalModel, key: tuple) -> tuple:
+    """A setting's grid key for this model; a labelled group's (a metric's own prompts) keeps its label first."""
+    return (key[0], *model.key(Setting(*key[1:]))) if len(key) == 4 else model.key(Setting(*key))
+
+
 def evaluate_models(plan: SampledSetsPlan, prompt_set: PromptSet, device: Any, *, rank: int, world_size: int,
                     gather: Any, image_dir: Path | None) -> tuple[list[dict], dict, list[tuple[EvalModel, str]]]:
     """Every model's rows (tagged `model` when there are several) and grids, one model in memory at a time."""
@@ -113,7 +118,7 @@ def evaluate_models(plan: SampledSetsPlan, prompt_set: PromptSet, device: Any, *
             on_setting=lambda setting, row: log.info(prefix + format_row(row)),
         )
         rows += [row if model.label is None else {"model": model.label, **row} for row in model_rows]
-        grids.update({model.key(Setting(*key)): grid for key, grid in model_grids.items()})
+        grids.update({model_grid_key(model, key): grid for key, grid in model_grids.items()})
         del t2i  # the next model loads into the memory this one held
     return rows, grids, loaded
 
