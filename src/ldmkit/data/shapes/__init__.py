@@ -5,8 +5,10 @@ those three numbers into the uniform draws that pick the scene, so any index ren
 any worker, batch or process, and the train/val/test splits use disjoint hash streams.
 
 Scenes hold one object (``1 - two_object_prob`` of them, 70% by default) or two objects at
-opposite positions (left/right or top/bottom, so they never overlap). Each sample carries its
-attributes so later stages can score prompt-following::
+opposite positions (left/right or top/bottom; large triangles and crosses side by side can touch at
+their tips). ``same_pair_prob`` of the two-object scenes (25% by default) are two identical objects,
+captioned for counting ("two small red circles side by side"). Each sample carries its attributes so
+later stages can score prompt-following::
 
     {"objects": [{"shape": "circle", "colour": "red", "size": "small", "position": "left"}],
      "background": "dark", "background_style": "gradient"}
@@ -16,6 +18,10 @@ Shapes are drawn from signed distance functions with analytic coverage antialias
 box-filtered down, for a whole batch at once (`ShapesDataset.__getitems__`, which DataLoader uses).
 Use `make_caption` to build a prompt for given attributes and `render_attributes` to draw
 reference images for them.
+
+Modules: `scenes` (vocabulary, draws, scene sampling, attribute validation), `render`, `captions`,
+`datamodule` (`ShapesDataset`, `ShapesDataModule` and its evaluation hooks) and `suite` (the
+compositional prompt suite, in a phrasing no training caption uses).
 """
 
 from ldmkit.data.shapes.captions import make_caption, mirror_sample

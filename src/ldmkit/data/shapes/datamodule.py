@@ -144,7 +144,8 @@ class ShapesDataModule(ImageTextDataModule):
     @staticmethod
     def attribute_task() -> dict[str, Any]:
         """What an attribute judge (ldmkit.eval.attributes) learns and reads back on this data: its fields and
-        their values, a single-object training set, and which held-out prompts it can judge (one object)."""
+        their values, a single-object training set, which held-out prompts it can judge (one object), and the
+        palette and position anchors the object finder (ldmkit.eval.objects) measures with."""
 
         def training_set(resolution: int, size: int, seed: int) -> ShapesDataset:
             return ShapesDataset("train", size=size, resolution=resolution, seed=seed, two_object_prob=0.0)
