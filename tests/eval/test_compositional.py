@@ -181,3 +181,18 @@ def test_the_judge_is_right_on_real_images_for_and_against_every_category(tmp_pa
     for category, k in counts.items():
         assert k["followed"] == k["violated"] == 128
         assert judge_accuracy(k) >= 0.98, (category, k)  # measured: 100% on 2 x 500 per category
+
+
+def test_judge_command_measures_the_judges_on_real_images(tmp_path, capsys):
+    import json
+
+    from ldmkit.cli.judge import main
+
+    assert main(["--cache-dir", str(tmp_path), "--steps", "2", "--measure", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["single_object_fields"]) >= {"shape", "colour", "size", "position"}
+    assert set(report["suite"]) == set(CATEGORIES)
+    for k in report["suite"].values():  # 4 prompts per category, an image for and against each
+        assert k["followed"] == k["violated"] == 4 and 0 <= k["accuracy"] <= 1
+    with pytest.raises(SystemExit):
+        main(["--cache-dir", str(tmp_path), "--measure", "-1"])

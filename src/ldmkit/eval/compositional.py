@@ -60,7 +60,8 @@ def real_images_for(suite: Mapping[str, Any], targets: Sequence[Mapping[str, Any
     rng = random.Random(f"suite-real-{seed}")
     follow = [suite["scene_for"](t, rng) for t in targets]
     against = [suite["counterpart"](t, rng) for t in targets]
-    return (suite["render"](follow, resolution, seed=seed), suite["render"](against, resolution, seed=seed + len(targets)))
+    render = suite["render"]
+    return render(follow, resolution, seed=seed), render(against, resolution, seed=seed + len(targets))
 
 
 def judge_accuracy_on_real(read: Callable[[torch.Tensor], list[list[dict]]], suite: Mapping[str, Any],
@@ -71,7 +72,8 @@ def judge_accuracy_on_real(read: Callable[[torch.Tensor], list[list[dict]]], sui
     follow, against = real_images_for(suite, targets, resolution, seed)
     out = {c: {"accepted": 0, "followed": 0, "rejected": 0, "violated": 0} for c in suite["categories"]}
     for images, positive in ((follow, True), (against, False)):
-        found = [objs for start in range(0, len(targets), batch_size) for objs in read(images[start : start + batch_size])]
+        found = [objs for start in range(0, len(targets), batch_size)
+                 for objs in read(images[start : start + batch_size])]
         for target, objects in zip(targets, found):
             counts, ok = out[target["category"]], verdict(target, objects, suite["checked"]) == CORRECT
             if positive:

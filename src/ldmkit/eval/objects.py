@@ -70,7 +70,8 @@ def _split_touching(mask: np.ndarray, min_pixels: float, split_ratio: float, dep
 
 
 def find_objects(image: torch.Tensor, palette: Mapping[str, Sequence[int]], anchors: Mapping[str, Sequence[float]],
-                 chroma_threshold: float = 0.3, min_area: float = 6 / 1024, split_ratio: float = 0.5) -> list[FoundObject]:
+                 chroma_threshold: float = 0.3, min_area: float = 6 / 1024,
+                 split_ratio: float = 0.5) -> list[FoundObject]:
     """Objects of one image (3, H, W) in [-1, 1], largest first."""
     rgb = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()  # (H, W, 3)
     height, width = rgb.shape[:2]
@@ -135,7 +136,8 @@ class ObjectJudge:
         singles, owners = [], []
         for i, objects in enumerate(found):
             for k in range(len(objects)):
-                singles.append(images[i].detach().float().cpu() if len(objects) == 1 else paint_over(images[i], objects, k))
+                alone = images[i].detach().float().cpu() if len(objects) == 1 else paint_over(images[i], objects, k)
+                singles.append(alone)
                 owners.append((i, k))
         read: list[list[dict]] = [[] for _ in found]
         if not singles:

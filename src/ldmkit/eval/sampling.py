@@ -86,7 +86,8 @@ class PromptSet:
         offset = len(self)
         grids = {**self.grids, **{label: [offset + k for k in samples] for label, samples in own.grids.items()}}
         return PromptSet(self.prompts + list(own.prompts), self.seeds + list(own.seeds),
-                         self.targets + list(own.targets), self.source, self.owners + [metric] * len(own.prompts), grids)
+                         self.targets + list(own.targets), self.source,
+                         self.owners + [metric] * len(own.prompts), grids)
 
 
 def make_prompt_set(prompts: Sequence[str], num_samples: int, base_seed: int,

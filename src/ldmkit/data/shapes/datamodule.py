@@ -59,7 +59,8 @@ class ShapesDataset(Dataset):
 
     def attributes(self, index: int) -> dict:
         """Attributes of sample `index` without rendering it."""
-        return sample_scenes(sample_keys(self.seed, self.split, [index]), self.two_object_prob, self.same_pair_prob)[1][0]
+        keys = sample_keys(self.seed, self.split, [index])
+        return sample_scenes(keys, self.two_object_prob, self.same_pair_prob)[1][0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]

@@ -120,7 +120,8 @@ def render_scenes(scene: dict[str, np.ndarray], resolution: int, supersample: in
     image = col(scene["bg_rgb"], n, 3, 1, 1) + field.unsqueeze(1)  # (N, 3, R, R)
 
     # Objects: coverage from the SDF on an ss-times finer grid, box-filtered to the output size, then
-    # one flat-colour composite per object slot (the two objects of a scene sit at opposite positions; wide ones can touch).
+    # one flat-colour composite per object slot (a scene's two objects sit at opposite positions; wide ones
+    # can touch).
     size = resolution * ss
     gx, gy = grid(size)
     for slot in range(scene["present"].shape[1]):

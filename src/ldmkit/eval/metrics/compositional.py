@@ -74,8 +74,9 @@ class CompositionalSuite(Metric):
                 return False
             raise EvalConfigError(
                 "metrics.compositional needs data=shapes (the data's compositional suite) without prompts_file, and "
-                f"square samples (got data={context.data_name}, prompts_file={'set' if context.file_prompts else 'none'}, "
-                f"{context.width}x{context.height}); use metrics.compositional.mode=auto or metrics.compositional=false."
+                f"square samples (got data={context.data_name}, prompts_file="
+                f"{'set' if context.file_prompts else 'none'}, {context.width}x{context.height}); use "
+                "metrics.compositional.mode=auto or metrics.compositional=false."
             )
         self.suite, self.task = dm.compositional_suite(), dm.attribute_task()
         return True
