@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ldmkit.eval.distribution import frechet_feature_distance
 from ldmkit.eval.features.common import FeatureMismatchError, FeatureSet
 from ldmkit.eval.features.dinov2 import (DINOV2_ENV, DINOv2FeatureExtractor, DINOv2WeightsNotFoundError,
-                                         load_dinov2)
+                                         UnofficialDINOv2WeightsWarning, load_dinov2)
 
 
 def timm_dinov2(img_size: int = 56, seed: int = 0):
@@ -114,7 +114,9 @@ def test_extractor_features_and_fd_on_image_sets(hf_folder):
 
 def test_features_from_other_weights_are_refused(tmp_path, hf_folder):
     official_checkpoint(tmp_path / "other.pth", seed=1)
-    a, b = DINOv2FeatureExtractor(hf_folder), DINOv2FeatureExtractor(tmp_path / "other.pth")
+    a = DINOv2FeatureExtractor(hf_folder)
+    with pytest.warns(UnofficialDINOv2WeightsWarning):  # not Meta's file (tests/eval/test_dinov2_weights.py)
+        b = DINOv2FeatureExtractor(tmp_path / "other.pth")
     set_a, set_b = FeatureSet.of(a), FeatureSet.of(b)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     set_a.update(images), set_b.update(images)

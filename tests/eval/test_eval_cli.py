@@ -75,7 +75,8 @@ def test_report_holds_every_setting_with_its_measurements(report_run, tiny_artif
         assert c[3] == c[1]  # NFE: one denoiser evaluation per step for ddim and euler_a, CFG or not
         assert c[4] == "n/a" and c[5] == "n/a"  # FID/KID off
         assert re.fullmatch(r"\d+\.\d\d", c[6])  # CLIP score
-        assert c[9].endswith("%") and c[10] != "n/a" and c[11] != "n/a"  # accuracy, s/image, memory
+        assert re.fullmatch(r"\d+\.\d% \[\d+\.\d–\d+\.\d\]( ≈)?", c[9])  # accuracy with its Wilson interval
+        assert c[10] != "n/a" and c[11] != "n/a"  # s/image, memory
     assert page.count("<tr><td") == len(SETTINGS) and page.count("<figure>") == len(SETTINGS)
     # which model scored, and how NFE / memory were measured, are in both files
     for text in (markdown, page):
@@ -98,6 +99,8 @@ def test_prompt_accuracy_judges_the_single_object_prompts_of_the_test_split(repo
         assert row["judged_prompts"] == single
         assert set(row["prompt_accuracy"]) == {"colour", "shape", "both"}
         assert all(0.0 <= v <= 1.0 for v in row["prompt_accuracy"].values())
+        for key, (correct, judged) in row["prompt_accuracy_counts"].items():  # one object per judged prompt
+            assert judged == single and correct / judged == row["prompt_accuracy"][key]
     assert f"judged on the {single} single-object prompts of 5" in "\n".join(objects["notes"])
 
 

@@ -76,6 +76,8 @@ def test_report_shows_columns_and_preprocessing(feature_run):
         assert header in markdown
     assert "224x224 bicubic, antialiased, as PIL" in markdown and "dgm-eval" in markdown
     assert "largest centred square" in markdown and "sigma 10" in markdown
+    # which DINOv2 weights: a hub snapshot folder here, recorded as not checked against a published digest
+    assert "facebook/dinov2-large snapshot folder" in markdown and "no published digest" in markdown
 
 
 @pytest.fixture

@@ -1,18 +1,35 @@
-"""Inline SVG line plots for the eval report (no plotting dependency): FID against NFE per guidance
-scale, and CLIP score against FID across guidance scales."""
+"""Inline SVG line plots for the eval report (no plotting dependency): every measured metric against NFE,
+one line per sampler (per sampler and guidance scale when there are several), with the metric's
+confidence interval as error bars where it has one; and CLIP score against FID across guidance scales."""
 
 from __future__ import annotations
 
 import html
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from ldmkit.eval.metrics.base import fmt as _fmt, missing as _missing
+from ldmkit.eval.metrics.base import Column, fmt as _fmt, missing as _missing
 
 Row = Mapping[str, Any]
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
+DASHES = ("", "6 3", "2 3", "8 3 2 3")  # one per guidance scale, cycled
+NO_METRIC = "No metric was measured in this run: nothing to plot."
+
+
+class Point(NamedTuple):
+    x: float
+    y: float
+    label: str  # hover text
+    note: str | None = None  # written beside the marker
+    low: float | None = None  # error bar (confidence interval), if any
+    high: float | None = None
+
+
+class Style(NamedTuple):
+    colour: str
+    dash: str = ""
 
 
 def _num(value: Any) -> float:
@@ -35,25 +52,29 @@ def _nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def line_plot_svg(
-    series: Mapping[str, Sequence[tuple[float, float, str]]],
+    series: Mapping[str, Sequence[Point | tuple]],
     *,
     title: str,
     x_label: str,
     y_label: str,
     log_x: bool = False,
+    styles: Mapping[str, Style] | None = None,
     width: int = 520,
     height: int = 340,
 ) -> str:
-    """One polyline with markers per series; points are (x, y, hover text[, annotation])."""
-    points = [(p[0], p[1]) for pts in series.values() for p in pts]
+    """One polyline with markers (and error bars where a point has low/high) per series."""
+    series = {name: [Point(*p) for p in pts] for name, pts in series.items()}
+    points = [p for pts in series.values() for p in pts]
     if not points:
         return f'<p class="empty-plot">{html.escape(title)}: no data to plot (metric n/a).</p>'
+    styles = dict(styles or {})
     legend_chars = max((len(name) for name in series), default=0)
     left, right, top, bottom = 64, 40 + 7 * legend_chars, 30, 46
     width += max(0, right - 130)  # grow the canvas for long legend names, keep the plot area
     plot_w, plot_h = width - left - right, height - top - bottom
     tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
-    xs, ys = [tx(x) for x, _ in points], [y for _, y in points]
+    xs = [tx(p.x) for p in points]
+    ys = [y for p in points for y in (p.y, p.low, p.high) if y is not None]
     x_ticks = (
         [10**e * m for e in range(math.floor(min(xs)), math.ceil(max(xs)) + 1) for m in (1, 2, 5)]
         if log_x
@@ -93,20 +114,25 @@ def line_plot_svg(
         f'<text transform="translate(16 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">{e(y_label)}</text>'
     )
     for i, (name, pts) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pts = sorted(pts, key=lambda p: p[0])
-        coords = " ".join(f"{px(p[0]):.1f},{py(p[1]):.1f}" for p in pts)
+        colour, dash = styles.get(name, Style(PALETTE[i % len(PALETTE)]))
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
+        pts = sorted(pts, key=lambda p: p.x)
+        coords = " ".join(f"{px(p.x):.1f},{py(p.y):.1f}" for p in pts)
         parts.append(f'<polyline class="series" data-series="{e(name)}" points="{coords}" fill="none" '
-                     f'stroke="{colour}" stroke-width="2"/>')
-        for x, y, label, *note in pts:
-            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}">'
-                         f"<title>{e(label)}</title></circle>")
-            if note:
-                parts.append(f'<text x="{px(x) + 5:.1f}" y="{py(y) - 5:.1f}" font-size="9" fill="{colour}">'
-                             f"{e(note[0])}</text>")
+                     f'stroke="{colour}" stroke-width="2"{dashed}/>')
+        for p in pts:
+            if p.low is not None and p.high is not None:
+                x, y0, y1 = px(p.x), py(p.low), py(p.high)
+                parts.append(f'<path class="error-bar" d="M{x - 3:.1f},{y0:.1f}h6M{x:.1f},{y0:.1f}V{y1:.1f}'
+                             f'M{x - 3:.1f},{y1:.1f}h6" stroke="{colour}" stroke-width="1" fill="none"/>')
+            parts.append(f'<circle cx="{px(p.x):.1f}" cy="{py(p.y):.1f}" r="3.5" fill="{colour}">'
+                         f"<title>{e(p.label)}</title></circle>")
+            if p.note:
+                parts.append(f'<text x="{px(p.x) + 5:.1f}" y="{py(p.y) - 5:.1f}" font-size="9" fill="{colour}">'
+                             f"{e(p.note)}</text>")
         ly = top + 8 + 16 * i
         parts.append(f'<line x1="{left + plot_w + 10}" x2="{left + plot_w + 28}" y1="{ly}" y2="{ly}" '
-                     f'stroke="{colour}" stroke-width="2"/>')
+                     f'stroke="{colour}" stroke-width="2"{dashed}/>')
         parts.append(f'<text x="{left + plot_w + 32}" y="{ly + 4}">{e(name)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
@@ -117,28 +143,46 @@ def series_name(row: Row) -> str:
     return f"{row['model']}: {row.get('sampler')}" if row.get("model") else str(row.get("sampler"))
 
 
-def fid_vs_nfe_svgs(rows: Sequence[Row]) -> list[str]:
-    """FID against NFE, one line per sampler; one plot per guidance scale."""
-    by_guidance: dict[Any, dict[str, list]] = {}
-    for r in rows:
-        by_guidance.setdefault(r.get("guidance"), {})
-        if _missing(r.get("fid")) or _missing(r.get("nfe")):
-            continue
-        label = f"{series_name(r)}: {r.get('steps')} steps, NFE {r['nfe']}, FID {r['fid']:.2f}"
-        by_guidance[r.get("guidance")].setdefault(series_name(r), []).append((r["nfe"], r["fid"], label))
+def metric_vs_nfe_svgs(rows: Sequence[Row], columns: Sequence[Column]) -> list[str]:
+    """One plot per metric column measured in some row: its value against NFE, one line per sampler
+    (colour) and guidance scale (dash pattern, when the run has several), error bars where the column
+    has an interval."""
+    guidances = sorted({r.get("guidance") for r in rows if not _missing(r.get("nfe"))}, key=_num)
+    samplers = list(dict.fromkeys(series_name(r) for r in rows))  # row order: models as given, then samplers
     plots = []
-    for guidance in sorted(by_guidance, key=_num):
-        series = by_guidance[guidance]
-        nfes = [p[0] for pts in series.values() for p in pts]
-        title = "FID vs NFE" + ("" if _missing(guidance) else f" (guidance {guidance:g})")
-        log_x = bool(nfes) and min(nfes) > 0 and max(nfes) / min(nfes) >= 8
-        plots.append(line_plot_svg(series, title=title, x_label="NFE (network evaluations per image)",
-                                   y_label="FID", log_x=log_x))
-    return plots or [line_plot_svg({}, title="FID vs NFE", x_label="NFE", y_label="FID")]
+    for column in columns:
+        if not column.numeric:
+            continue
+        series: dict[str, list[Point]] = {}
+        styles: dict[str, Style] = {}
+        order: dict[str, tuple[int, int]] = {}
+        for r in rows:
+            y = column.number(r)
+            if y is None or _missing(r.get("nfe")):
+                continue
+            sampler, guidance = series_name(r), r.get("guidance")
+            name = sampler if len(guidances) < 2 else f"{sampler}, w={_fmt(guidance, 'g')}"
+            order[name] = (samplers.index(sampler), guidances.index(guidance))
+            styles[name] = Style(PALETTE[order[name][0] % len(PALETTE)],
+                                 DASHES[order[name][1] % len(DASHES)] if len(guidances) > 1 else "")
+            interval = column.interval(r) if column.interval is not None else None
+            label = (f"{sampler}: {r.get('steps')} steps, guidance {_fmt(guidance, 'g')}, NFE {r['nfe']}, "
+                     f"{column.header} {column.cell(r)}")
+            series.setdefault(name, []).append(Point(r["nfe"], y, label, None, *(interval or (None, None))))
+        if not series:
+            continue
+        nfes = [p.x for pts in series.values() for p in pts]
+        log_x = min(nfes) > 0 and max(nfes) / min(nfes) >= 8
+        ordered = {name: series[name] for name in sorted(series, key=order.__getitem__)}
+        plots.append(line_plot_svg(ordered, title=f"{column.header} vs NFE",
+                                   x_label="NFE (network evaluations per image)", y_label=column.header,
+                                   log_x=log_x, styles=styles))
+    return plots
 
 
-def clip_vs_fid_svg(rows: Sequence[Row]) -> str:
-    """CLIP score against FID, one line per (sampler, steps) through its guidance scales."""
+def clip_vs_fid_svg(rows: Sequence[Row]) -> str | None:
+    """CLIP score against FID, one line per (sampler, steps) through its guidance scales; None when no
+    row has both."""
     series: dict[str, list] = {}
     for r in rows:
         if _missing(r.get("fid")) or _missing(r.get("clip_score")):
@@ -146,6 +190,17 @@ def clip_vs_fid_svg(rows: Sequence[Row]) -> str:
         name = f"{series_name(r)} / {r.get('steps')} steps"
         label = f"{name}, guidance {_fmt(r.get('guidance'), 'g')}: FID {r['fid']:.2f}, CLIP {r['clip_score']:.2f}"
         note = f"w={_fmt(r.get('guidance'), 'g')}"
-        series.setdefault(name, []).append((r["fid"], r["clip_score"], label, note))
+        series.setdefault(name, []).append(Point(r["fid"], r["clip_score"], label, note))
+    if not series:
+        return None
     return line_plot_svg(series, title="CLIP score vs FID across guidance scales", x_label="FID ↓",
                          y_label="CLIP score ↑")
+
+
+def report_plots(rows: Sequence[Row], columns: Sequence[Column]) -> list[str]:
+    """Every plot of the report, in order: SVG strings, or one paragraph when nothing was measured."""
+    plots = metric_vs_nfe_svgs(rows, columns)
+    trade_off = clip_vs_fid_svg(rows)
+    if trade_off is not None:
+        plots.append(trade_off)
+    return plots or [f'<p class="empty-plot">{html.escape(NO_METRIC)}</p>']

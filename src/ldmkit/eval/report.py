@@ -1,18 +1,26 @@
-"""Sampler comparison report: a metrics table, FID-vs-NFE and CLIP-vs-FID plots (`ldmkit.eval.plots`)
-and sample grids side by side, written as `report.md` (+ assets) and a self-contained `report.html`.
+"""Sampler comparison report: a metrics table (accuracies with 95% Wilson intervals, `≈` where the best
+value lies inside a row's interval), every measured metric against NFE and CLIP-vs-FID plots
+(`ldmkit.eval.plots`), and sample grids side by side, written as `report.md` (+ assets) and a
+self-contained `report.html`.
 
 Plots are inline SVG (no plotting dependency); images are PNG data URIs, so the HTML file can be
-mailed or attached to a W&B run as is.
+mailed or attached to a W&B run as is. Grids are upscaled by an integer factor with nearest-neighbour
+(pixel replication: nothing is invented or smoothed) until a sample is at least MIN_CELL_PX tall, in
+the PNG itself, so report.md (which cannot carry CSS) shows them at a readable size too.
 
 A result row is a dict (missing or None metrics render as "n/a"): sampler, steps, guidance, nfe,
 sec_per_image, peak_mem_mb, num_images and each metric's fields (`ldmkit.eval.metrics`), e.g. fid,
 kid_mean, kid_std, clip_score, clip_model (the model that computed clip_score), prompt_accuracy
-({"colour", "shape", "both"} or None). The table's columns come from the metrics (`report_columns`);
-the notes on how the numbers were measured are given by the caller. Files are written atomically and
-never replace an earlier report: a folder that holds one gets report-2.md, report-3.md, ...
+({"colour", "shape", "both"} or None) with prompt_accuracy_counts ({key: [correct, judged]}). The
+table's columns come from the metrics (`report_columns`); the notes on how the numbers were measured
+are given by the caller. Files are written atomically and never replace an earlier report: a folder that
+holds one gets report-2.md, report-3.md, ...
 Grids map a setting `(sampler, steps, guidance)`, a labelled group of a setting `(label, sampler, steps,
 guidance)` (e.g. a prompt-suite category), or any label string to one image (PIL, uint8 (3, H, W) /
-(H, W, 3), or float (3, H, W) in [-1, 1]).
+(H, W, 3), or float (3, H, W) in [-1, 1]): a row of samples, so a sample is as tall as the image
+(`cell_size` says otherwise).
+Everything is rendered in memory before the first file is written: a bad input fails with nothing
+written, and a finished report is never half there.
 """
 
 from __future__ import annotations
@@ -21,18 +29,25 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from ldmkit.eval.files import free_stem, write_file, write_text
+from ldmkit.eval.intervals import CONFIDENCE, within
 from ldmkit.eval.metrics.base import Column, fmt as _fmt, missing as _missing
-from ldmkit.eval.plots import clip_vs_fid_svg, fid_vs_nfe_svgs, line_plot_svg  # noqa: F401 (re-exported)
+from ldmkit.eval.plots import NO_METRIC, clip_vs_fid_svg, line_plot_svg, metric_vs_nfe_svgs, report_plots  # noqa: F401
 from ldmkit.eval.pngmeta import to_pil_image
 
 Row = Mapping[str, Any]
 ACCURACY_KEYS = ("colour", "shape", "both")
+MIN_CELL_PX = 128  # a 32x32 sample is shown 4x: 128x128
+MAX_GRID_PX = 8192  # ... unless that makes the grid wider than this (then the largest factor that fits)
+WITHIN_MARK = "≈"
 
 DEFAULT_METRICS = ("fid", "kid", "clip_score", "prompt_accuracy")  # conf/eval.yaml's metrics, in order
 LEADING = (
@@ -78,10 +93,15 @@ def _num(value: Any) -> float:
 
 
 def flatten_row(row: Row) -> dict[str, Any]:
-    """Row with prompt_accuracy split into acc_colour / acc_shape / acc_both (for tables/CSV)."""
-    flat = {k: v for k, v in row.items() if k != "prompt_accuracy"}
+    """Row with prompt_accuracy split into acc_colour / acc_shape / acc_both and their 95% Wilson
+    intervals acc_<key>_low / acc_<key>_high (for tables/CSV)."""
+    from ldmkit.eval.intervals import interval_of
+
+    flat = {k: v for k, v in row.items() if k not in ("prompt_accuracy", "prompt_accuracy_counts")}
     for key in ACCURACY_KEYS:
         flat[f"acc_{key}"] = _acc(row, key)
+        interval = interval_of(row, "prompt_accuracy_counts", key)
+        flat[f"acc_{key}_low"], flat[f"acc_{key}_high"] = interval if interval else (None, None)
     return flat
 
 
@@ -129,8 +149,68 @@ def png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+def readable_grid(image: Any, cell_size: int | None = None) -> Image.Image:
+    """The grid as RGB, upscaled by the smallest integer factor that makes a sample (`cell_size` px, default
+    the image height) at least MIN_CELL_PX, by pixel replication (nearest-neighbour); capped so the grid
+    stays within MAX_GRID_PX."""
+    pil = to_pil_image(image).convert("RGB")
+    cell = int(cell_size or pil.height)
+    if cell < 1:
+        raise ValueError(f"cell_size must be a positive number of pixels, got {cell_size!r}")
+    factor = max(1, min(math.ceil(MIN_CELL_PX / cell), MAX_GRID_PX // max(pil.width, pil.height, 1)))
+    return pil if factor == 1 else pil.resize((pil.width * factor, pil.height * factor), Image.Resampling.NEAREST)
+
+
 def png_data_uri(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+# --- table ---------------------------------------------------------------------------------
+
+
+def table_marks(rows: Sequence[Row], columns: Sequence[Column]) -> dict[tuple[int, str], str]:
+    """(row index, header) -> "best" for each column's best value (min or max, as formatted), or "within"
+    where the column has intervals and the best value lies inside this row's: the difference from the best
+    is within the sampling uncertainty."""
+    marks: dict[tuple[int, str], str] = {}
+    for column in columns:
+        if column.best not in ("min", "max") or not column.numeric:
+            continue
+        values = [column.number(r) for r in rows]
+        measured = [v for v in values if v is not None]
+        if not measured:
+            continue
+        best = (min if column.best == "min" else max)(measured)
+        for i, (row, value) in enumerate(zip(rows, values)):
+            if value is None:
+                continue
+            if _fmt(value, column.spec) == _fmt(best, column.spec):
+                marks[(i, column.header)] = "best"
+            elif column.interval is not None and within(column.interval(row), best):
+                marks[(i, column.header)] = "within"
+    return marks
+
+
+def interval_legend(columns: Sequence[Column]) -> str | None:
+    if not any(c.interval is not None for c in columns):
+        return None
+    return (f"Rates are shown as value [low–high], the {100 * CONFIDENCE:g}% Wilson interval of the binomial rate. "
+            f"{WITHIN_MARK}: the column's best value lies inside this row's interval, i.e. the difference from "
+            "the best is within the sampling uncertainty (more prompts would be needed to tell them apart).")
+
+
+def _cells(rows: Sequence[Row], columns: Sequence[Column]) -> list[list[tuple[str, str | None]]]:
+    """The table's cell texts and marks, rows in report order."""
+    marks = table_marks(rows, columns)
+    table = []
+    for i, row in enumerate(rows):
+        cells = []
+        for column in columns:
+            mark = marks.get((i, column.header))
+            text = column.cell(row)
+            cells.append((f"{text} {WITHIN_MARK}" if mark == "within" else text, mark))
+        table.append(cells)
+    return table
 
 
 # --- markdown ------------------------------------------------------------------------------
@@ -155,9 +235,11 @@ def render_markdown(rows: Sequence[Row], grid_files: Mapping[Any, str], plot_fil
     lines = [f"# {title}", "", *_header_lines(rows), "", "## Metrics", ""]
     lines.append("| " + " | ".join(c.header for c in columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
-    for r in sorted_rows(rows):
-        lines.append("| " + " | ".join(cell(c.cell(r)) for c in columns) + " |")
-    lines += ["", "## Plots", ""] + [f"![plot]({p})" for p in plot_files] + [""]
+    for cells in _cells(sorted_rows(rows), columns):
+        lines.append("| " + " | ".join(cell(text) for text, _ in cells) + " |")
+    legend = interval_legend(columns)
+    lines += ["", legend] if legend else []
+    lines += ["", "## Plots", ""] + [f"![plot]({p})" if p.endswith(".svg") else p for p in plot_files] + [""]
     if grid_files:
         lines += ["## Samples (same prompts and seeds for every sampler)", ""]
         if prompts:
@@ -178,45 +260,42 @@ table.metrics th, table.metrics td { border: 1px solid #ccc; padding: 4px 8px; t
 table.metrics td:first-child, table.metrics th:first-child { text-align: left; }
 table.metrics tr:nth-child(even) td { background: #f6f6f6; }
 td.best { font-weight: bold; }
+td.within { color: #555; }
 td.na { color: #999; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
 .grids { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 figure { margin: 0; text-align: center; }
-figure img { image-rendering: pixelated; max-width: 100%; border: 1px solid #ccc; }
+figure img { image-rendering: pixelated; max-width: 100%; height: auto; border: 1px solid #ccc; }
 """
 
 
 def render_html(rows: Sequence[Row], grids: Mapping[Any, Any], title: str,
                 prompts: Sequence[str] | None = None, notes: Sequence[str] = (),
-                columns: Sequence[Column] | None = None) -> str:
+                columns: Sequence[Column] | None = None, plots: Sequence[str] | None = None,
+                cell_size: int | None = None, upscale: bool = True) -> str:
+    """The self-contained page; `plots` (`report_plots`) are made here when not given, grids upscaled to
+    a readable size (`readable_grid`) unless `upscale` is False (they already are)."""
     e = html.escape
     columns = report_columns() if columns is None else columns
-    ordered = sorted_rows(rows)
-    # Bold the best value per column that says which is better (e.g. lowest FID, highest CLIP score).
-    best: dict[str, str] = {}
-    for column in columns:
-        if column.best in ("min", "max") and column.key:
-            values = [r.get(column.key) for r in ordered if not _missing(r.get(column.key))]
-            if values:
-                best[column.header] = _fmt((min if column.best == "min" else max)(values), column.spec)
-
+    plots = report_plots(rows, columns) if plots is None else plots
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
     out += [f"<p>{e(line)}</p>" for line in _header_lines(rows)]
     out += ["<h2>Metrics</h2>", '<table class="metrics" id="metrics">', "<thead><tr>"]
     out += [f"<th>{e(c.header)}</th>" for c in columns] + ["</tr></thead>", "<tbody>"]
-    for r in ordered:
-        cells = []
-        for column in columns:
-            header, text = column.header, column.cell(r)
-            classes = ["na"] if text == "n/a" else []
-            if header in best and text.split(" ± ")[0] == best[header]:
-                classes.append("best")
+    for cells in _cells(sorted_rows(rows), columns):
+        row = []
+        for text, mark in cells:
+            classes = (["na"] if text == "n/a" else []) + ([mark] if mark else [])
             cls = f' class="{" ".join(classes)}"' if classes else ""
-            cells.append(f"<td{cls}>{e(text)}</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out += ["</tbody></table>", "<h2>Plots</h2>", '<div class="plots">']
-    out += [*fid_vs_nfe_svgs(rows), clip_vs_fid_svg(rows), "</div>"]
+            tip = ' title="the best value lies inside this interval"' if mark == "within" else ""
+            row.append(f"<td{cls}{tip}>{e(text)}</td>")
+        out.append("<tr>" + "".join(row) + "</tr>")
+    out.append("</tbody></table>")
+    legend = interval_legend(columns)
+    if legend:
+        out.append(f'<p class="legend">{e(legend)}</p>')
+    out += ["<h2>Plots</h2>", '<div class="plots">', *plots, "</div>"]
     if grids:
         out.append("<h2>Samples (same prompts and seeds for every sampler)</h2>")
         if prompts:
@@ -224,10 +303,9 @@ def render_html(rows: Sequence[Row], grids: Mapping[Any, Any], title: str,
         for section, items in _grid_sections(grids):
             out += [f"<h3>{e(section)}</h3>", '<div class="grids">']
             for name, image in items:
-                pil = to_pil_image(image)
-                zoom = max(1, 256 // max(pil.width, 1))  # small grids: integer upscale, pixelated
-                out.append(f'<figure><img alt="{e(name)}" width="{pil.width * zoom}" src="{png_data_uri(pil)}">'
-                           f"<figcaption>{e(name)}</figcaption></figure>")
+                pil = readable_grid(image, cell_size) if upscale else to_pil_image(image)
+                out.append(f'<figure><img alt="{e(name)}" width="{pil.width}" height="{pil.height}" '
+                           f'src="{png_data_uri(pil)}"><figcaption>{e(name)}</figcaption></figure>')
             out.append("</div>")
     if notes:
         out.append("<h2>How these numbers were measured</h2><ul class=\"notes\">"
@@ -247,6 +325,15 @@ def claim_report_suffix(out_dir: str | os.PathLike) -> str:
     return free_stem(Path(out_dir), report_names, lambda suffix: f"report{suffix}_assets")
 
 
+def release_report_suffix(out_dir: str | os.PathLike, suffix: str) -> None:
+    """Give back a claimed suffix after a failed run: its assets folder goes if still empty (nothing else is
+    ever removed), so a failed run leaves no report behind and the next run gets the same names."""
+    try:
+        (Path(out_dir) / f"report{suffix}_assets").rmdir()  # fails, and keeps it, unless empty
+    except OSError:
+        pass
+
+
 def write_report(
     out_dir: str | os.PathLike,
     rows: Sequence[Row],
@@ -257,33 +344,44 @@ def write_report(
     notes: Sequence[str] = (),
     columns: Sequence[Column] | None = None,
     suffix: str | None = None,
+    cell_size: int | None = None,
 ) -> dict[str, Path]:
     """Writes report.md (with report_assets/: grid PNGs, plot SVGs) and self-contained report.html into
     `out_dir`, with a section on how the numbers were measured (`notes`); returns their paths. An earlier
-    report there is kept: this one gets the next free suffix (`suffix`: one already claimed)."""
+    report there is kept: this one gets the next free suffix (`suffix`: one already claimed). Every file's
+    content is made before the first is written, so bad input (a grid that is not an image, ...) fails
+    with nothing written."""
+    columns = report_columns() if columns is None else columns
+    shown = {}
+    for key, image in dict(grids or {}).items():
+        try:
+            shown[key] = readable_grid(image, cell_size)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"grid '{grid_label(key)}' is not an image: {err}; nothing was written") from err
+    plots = report_plots(rows, columns)
+    page = render_html(rows, shown, title, prompts, notes, columns, plots, upscale=False)
+
     out_dir = Path(out_dir)
     suffix = claim_report_suffix(out_dir) if suffix is None else suffix
     assets = out_dir / f"report{suffix}_assets"
-    assets.mkdir(parents=True, exist_ok=True)
-    grids = dict(grids or {})
-
+    files: dict[str, bytes] = {}
     grid_files: dict[Any, str] = {}
-    for i, (key, image) in enumerate(grids.items()):
+    for i, (key, image) in enumerate(shown.items()):
         name = f"grid_{i:02d}_" + "".join(c if c.isalnum() else "_" for c in grid_label(key))[:60] + ".png"
-        data = png_bytes(image)
-        write_file(assets / name, lambda f: f.write(data))
-        grid_files[key] = f"{assets.name}/{name}"
+        files[name], grid_files[key] = png_bytes(image), f"{assets.name}/{name}"
     plot_files = []
-    for i, svg in enumerate([*fid_vs_nfe_svgs(rows), clip_vs_fid_svg(rows)]):
-        if svg.startswith("<svg"):
-            name = f"plot_{i:02d}.svg"
-            write_text(assets / name, svg)
-            plot_files.append(f"{assets.name}/{name}")
+    for i, svg in enumerate(p for p in plots if p.startswith("<svg")):
+        name = f"plot_{i:02d}.svg"
+        files[name] = svg.encode("utf-8")
+        plot_files.append(f"{assets.name}/{name}")
+    markdown = render_markdown(rows, grid_files, plot_files or [NO_METRIC], title, prompts, notes, columns)
 
-    md = write_text(out_dir / f"report{suffix}.md",
-                    render_markdown(rows, grid_files, plot_files, title, prompts, notes, columns))
-    page = write_text(out_dir / f"report{suffix}.html", render_html(rows, grids, title, prompts, notes, columns))
-    return {"markdown": md, "html": page, "assets": assets}
+    assets.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_file(assets / name, lambda f, data=data: f.write(data))
+    md = write_text(out_dir / f"report{suffix}.md", markdown)
+    html_path = write_text(out_dir / f"report{suffix}.html", page)
+    return {"markdown": md, "html": html_path, "assets": assets}
 
 
 def write_metrics_json(out_dir: str | os.PathLike, rows: Sequence[Row], notes: Sequence[str], suffix: str = "") -> Path:

@@ -21,7 +21,8 @@ from ldmkit.eval.loggers import log_to_loggers, scalar_metrics
 from ldmkit.eval.models import MODEL_COLUMN, EvalModel
 from ldmkit.eval.plan import SampledSetsPlan, plan_sampled_sets
 from ldmkit.eval.processes import launched, make_fabric, make_gather, rank_zero_first, shared_by_rank_zero
-from ldmkit.eval.report import claim_report_suffix, report_columns, write_metrics_json, write_report
+from ldmkit.eval.report import (claim_report_suffix, release_report_suffix, report_columns, write_metrics_json,
+                                write_report)
 from ldmkit.eval.sampling import PromptSet, Setting, evaluate_settings, format_row, make_prompt_set
 
 log = logging.getLogger(__name__)
@@ -145,17 +146,25 @@ def run_sampled_sets(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]
         # torchrun-started ranks each composed their own run folder: use rank 0's, and its free report names
         output_dir = shared_by_rank_zero(gather, plan.output_dir)
         suffix = shared_by_rank_zero(gather, claim_report_suffix(output_dir) if rank == 0 else None)
-        rows, grids, loaded = evaluate_models(plan, prompt_set, device, rank=rank, world_size=world_size, gather=gather,
-                                              image_dir=output_dir / f"images{suffix}" if plan.save_images else None)
-        if rank != 0:
-            return {}, {}
-        notes = run_notes(plan, loaded, prompt_set, world_size, device) + metric_notes(plan, rows)
-        columns = report_columns([slot.cls for slot in plan.metrics])
-        if len(loaded) > 1:
-            columns = (MODEL_COLUMN, *columns)
-        title = " vs ".join(f"{model.label or model.path.resolve().parent.name} ({model_hash})" for model, model_hash in loaded)
-        paths = write_report(output_dir, rows, grids, title=f"ldmkit sampler evaluation: {title}",
-                             prompts=prompt_set.prompts[: plan.grid_size], notes=notes, suffix=suffix, columns=columns)
+        try:
+            rows, grids, loaded = evaluate_models(plan, prompt_set, device, rank=rank, world_size=world_size,
+                                                  gather=gather,
+                                                  image_dir=output_dir / f"images{suffix}" if plan.save_images else None)
+            if rank != 0:
+                return {}, {}
+            notes = run_notes(plan, loaded, prompt_set, world_size, device) + metric_notes(plan, rows)
+            columns = report_columns([slot.cls for slot in plan.metrics])
+            if len(loaded) > 1:
+                columns = (MODEL_COLUMN, *columns)
+            title = " vs ".join(f"{model.label or model.path.resolve().parent.name} ({model_hash})"
+                                for model, model_hash in loaded)
+            paths = write_report(output_dir, rows, grids, title=f"ldmkit sampler evaluation: {title}",
+                                 prompts=prompt_set.prompts[: plan.grid_size], notes=notes, suffix=suffix,
+                                 columns=columns)
+        except BaseException:
+            if rank == 0:  # no report is left half there: the claimed, still empty, assets folder goes too
+                release_report_suffix(output_dir, suffix)
+            raise
         paths["metrics"] = write_metrics_json(output_dir, rows, notes, suffix)
         log_to_loggers(cfg, rows, grids)
         log.info("Report: %s and %s", paths["markdown"], paths["html"])

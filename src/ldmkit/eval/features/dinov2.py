@@ -10,6 +10,9 @@ crop), ToTensor, ImageNet mean/std. The feature is the CLS token after the final
 model's `forward` = `x_norm_clstoken`). The official model interpolates its 37x37 position
 embeddings to 16x16 with `scale_factor=(16 + 0.1) / 37` (dinov2 `interpolate_pos_encoding`), while
 transformers passes `size=16`; we patch in the official formula so features match the hub model.
+
+Meta's file is checked against its SHA-256 (as FID's Inception file is): any other file loads, with an
+`UnofficialDINOv2WeightsWarning`, and the report says its FD-DINOv2 is not comparable to published numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,11 @@ DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + DINOV2_FIL
 DINOV2_HF_REPO = "facebook/dinov2-large"
 DINOV2_ENV = "LDMKIT_DINOV2_WEIGHTS"
 DINOV2_INPUT_SIZE = 224
+# SHA-256 and size of Meta's file at DINOV2_URL. Meta publishes no checksum; this is the digest that
+# independent projects pin for that download (e.g. manifests that verify RoMa's DINOv2 dependency), all
+# agreeing on it and on the size the server reports (Content-Length 1,217,586,395).
+DINOV2_SHA256 = "d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428"
+DINOV2_BYTES = 1_217_586_395
 
 DINOV2_PREPROCESSING = {
     "reference": "dgm-eval models/dinov2.py transform (clean_resize=False)",
@@ -44,6 +53,11 @@ DINOV2_PREPROCESSING = {
 
 class DINOv2WeightsNotFoundError(FileNotFoundError):
     """The DINOv2 weights needed for FD-DINOv2 are not on disk."""
+
+
+class UnofficialDINOv2WeightsWarning(UserWarning):
+    """The DINOv2 weights file is not Meta's dinov2_vitl14_pretrain.pth: FD-DINOv2 (and prdc on DINOv2) are not
+    comparable to published numbers."""
 
 
 def hub_dinov2_weights_path() -> Path:
@@ -68,6 +82,35 @@ def resolve_dinov2_weights(path: str | os.PathLike | None = None) -> Path:
         f"(`huggingface-cli download {DINOV2_HF_REPO} config.json model.safetensors --local-dir DIR`), "
         f"and point to the file or folder with the metric's weights path or ${DINOV2_ENV}."
     )
+
+
+def check_official_dinov2(path: Path, sha256: str) -> bool | None:
+    """True for Meta's file; False (with UnofficialDINOv2WeightsWarning) for any other file; None for a hub
+    snapshot folder, which has no published digest to check against."""
+    if path.is_dir():
+        return None
+    if sha256 == DINOV2_SHA256:
+        return True
+    warnings.warn(
+        f"DINOv2 weights '{path}' are not the official {DINOV2_FILENAME} (SHA-256 {sha256[:16]}..., expected "
+        f"{DINOV2_SHA256[:16]}...). FD-DINOv2 and precision/recall/density/coverage on DINOv2 computed with them "
+        f"are NOT comparable to published numbers nor to runs with the official weights, only to runs with this "
+        f"same file. For comparable numbers use the file from {DINOV2_URL}.",
+        UnofficialDINOv2WeightsWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+def provenance(path: Path, sha256: str, official: bool | None) -> str:
+    """One line for the report: which weights file, and whether it is the official one."""
+    if official is None:
+        return (f"a {DINOV2_HF_REPO} snapshot folder (model.safetensors SHA-256 {sha256[:16]}...; no published "
+                f"digest to check it against: {DINOV2_FILENAME} is the checked reference)")
+    if official:
+        return f"the official {DINOV2_FILENAME} (SHA-256 {sha256[:16]}... verified)"
+    return (f"NOT the official {DINOV2_FILENAME} (SHA-256 {sha256[:16]}..., expected {DINOV2_SHA256[:16]}...): "
+            "comparable only to runs with this same file, not to published numbers")
 
 
 def official_to_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -100,9 +143,18 @@ def official_to_transformers(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _config_from_official(state: dict[str, Tensor]) -> Any:
+def _config_from_official(state: dict[str, Tensor], path: Path) -> Any:
     from transformers import Dinov2Config
 
+    from ldmkit.nn.weights_file import WeightsFileError
+
+    needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight")
+    absent = [key for key in needed if key not in state]
+    if absent:
+        raise WeightsFileError(
+            f"'{path}' is not a DINOv2 checkpoint: it has no {', '.join(absent)} (its keys start "
+            f"{sorted(state)[:4]}). Give Meta's {DINOV2_FILENAME} ({DINOV2_URL}) or a {DINOV2_HF_REPO} "
+            "snapshot folder.")
     width, _, patch, _ = state["patch_embed.proj.weight"].shape
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -113,20 +165,31 @@ def _config_from_official(state: dict[str, Tensor]) -> Any:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Tensors only: torch.load(weights_only=True) or safetensors (`ldmkit.nn.weights_file`); a file that
+    needs code to load is refused with UntrustedWeightsError, a corrupt one with WeightsFileError."""
+    from ldmkit.nn.weights_file import WeightsFileError, load_state_dict_file, load_torch_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    what = "DINOv2 weights file (FD-DINOv2)"
+    if path.suffix == ".safetensors":
+        return load_state_dict_file(path, what)
+    state = load_torch_file(path, what)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsFileError(f"{what} '{path}' holds a {type(state).__name__}, not a state dict (a dict of "
+                               f"tensors); give Meta's {DINOV2_FILENAME} ({DINOV2_URL}).")
+    return state
 
 
 def load_dinov2(path: str | os.PathLike, num_heads: int | None = None) -> tuple[nn.Module, str]:
-    """(Dinov2Model in eval mode, weights digest) from a hub-snapshot folder or Meta's checkpoint
-    file. `num_heads` overrides the head count inferred for Meta's files (width / 64)."""
+    """(Dinov2Model in eval mode, weights digest: 16 hex digits of SHA-256) from a hub-snapshot folder or
+    Meta's checkpoint file. `num_heads` overrides the head count inferred for Meta's files (width / 64)."""
+    model, sha256 = _load_dinov2(Path(path), num_heads)
+    return model, sha256[:16]
+
+
+def _load_dinov2(path: Path, num_heads: int | None) -> tuple[nn.Module, str]:
     from transformers import Dinov2Model
 
-    path = Path(path)
     if path.is_dir():
         weights = path / "model.safetensors"
         if not weights.is_file():
@@ -134,14 +197,14 @@ def load_dinov2(path: str | os.PathLike, num_heads: int | None = None) -> tuple[
                 f"{path} holds no model.safetensors (found {sorted(p.name for p in path.iterdir())[:6]}); "
                 f"download `{DINOV2_HF_REPO}` config.json + model.safetensors into it, or pass Meta's {DINOV2_FILENAME}")
         model = Dinov2Model.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-        return _official_pos_embed(model.eval()), file_digest(weights)
+        return _official_pos_embed(model.eval()), file_digest(weights, 64)
     state = _read_state_dict(path)
-    config = _config_from_official(state)
+    config = _config_from_official(state, path)
     if num_heads is not None:
         config.num_attention_heads = num_heads
     model = Dinov2Model(config)
     model.load_state_dict(official_to_transformers(state), strict=True)
-    return _official_pos_embed(model.eval()), file_digest(path)
+    return _official_pos_embed(model.eval()), file_digest(path, 64)
 
 
 def _official_pos_embed(model: nn.Module) -> nn.Module:
@@ -172,11 +235,13 @@ class DINOv2FeatureExtractor(nn.Module):
                  num_heads: int | None = None):
         super().__init__()
         self.weights_path = resolve_dinov2_weights(weights_path)
-        model, digest = load_dinov2(self.weights_path, num_heads=num_heads)
+        model, self.sha256 = _load_dinov2(self.weights_path, num_heads)
+        self.official = check_official_dinov2(self.weights_path, self.sha256)
+        self.provenance = provenance(self.weights_path, self.sha256, self.official)
         self.net = model.to(device).requires_grad_(False)
         self.dim = int(self.net.config.hidden_size)
         self.identity = {"network": f"dinov2 ViT/{self.net.config.patch_size} width {self.dim} (transformers "
-                                    "Dinov2Model)", "weights": digest, "preprocessing": DINOV2_PREPROCESSING}
+                                    "Dinov2Model)", "weights": self.sha256[:16], "preprocessing": DINOV2_PREPROCESSING}
 
     @staticmethod
     def preprocess(images: Tensor) -> Tensor:

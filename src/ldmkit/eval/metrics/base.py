@@ -54,14 +54,32 @@ def pct(value: float | None) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """One report column: its header and cell text; `best` ("min"/"max") bolds the best `key` value,
-    compared as text formatted with `spec`."""
+    """One report column: its header and cell text; `best` ("min"/"max") bolds the best value, compared as
+    text formatted with `spec`. The value is `row[key]`, or `value(row)` for one that is not a row field
+    (e.g. nested); `interval(row)` gives its (low, high) confidence interval where the metric has one.
+    Every column with a value is plotted against NFE (`ldmkit.eval.plots`)."""
 
     header: str
     cell: Callable[[Row], str]
     key: str | None = None
     best: str | None = None
     spec: str = ".2f"
+    value: Callable[[Row], Any] | None = None
+    interval: Callable[[Row], tuple[float, float] | None] | None = None
+
+    @property
+    def numeric(self) -> bool:
+        return self.key is not None or self.value is not None
+
+    def number(self, row: Row) -> float | None:
+        """The column's value in `row` as a float, None when n/a."""
+        value = self.value(row) if self.value is not None else (row.get(self.key) if self.key else None)
+        if missing(value) or isinstance(value, bool):
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
 
 
 # --- what metrics see ----------------------------------------------------------------------

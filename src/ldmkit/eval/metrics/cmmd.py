@@ -53,4 +53,4 @@ class CMMD(Metric):
     def note(self, context: EvalContext, rows: Sequence[Row]) -> str:
         return (f"CMMD: sigma {self.sigma:g}, x{self.scale:g}, against the first {self.reference.real.num_samples} "
                 f"real images of the '{context.split}' split with {self.source[2]}; "
-                f"{describe(self.reference.extractor.identity)}.")
+                f"{describe(self.reference.extractor)}.")

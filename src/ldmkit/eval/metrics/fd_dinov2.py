@@ -51,4 +51,4 @@ class FDDINOv2(Metric):
 
     def note(self, context: EvalContext, rows: Sequence[Row]) -> str:
         return (f"FD-DINOv2: against the first {self.reference.real.num_samples} real images of the "
-                f"'{context.split}' split; {describe(self.reference.extractor.identity)}.")
+                f"'{context.split}' split; {describe(self.reference.extractor)}.")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ldmkit.eval.errors import EvalConfigError
-from ldmkit.eval.features.common import FeatureSet
+from ldmkit.eval.features.common import FeatureMismatchError, FeatureSet, check_comparable
 from ldmkit.eval.metrics.base import EvalContext
 
 
@@ -79,7 +79,8 @@ class FeatureReference:
         key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = context.cache_dir / "features" / f"ref-{context.split}-{int(dm.resolution)}px-{key}.safetensors"
         if path.is_file():
-            return cls(extractor, FeatureSet.load(path), path)
+            size = (int(dm.resolution), int(dm.resolution))
+            return cls(extractor, load_cached_features(path, extractor.identity, context.num_samples, size), path)
         real = FeatureSet.of(extractor)
         for batch in dm.dataloader(context.split):
             images = batch["image"][: context.num_samples - real.num_samples]
@@ -105,10 +106,36 @@ class FeatureReference:
         return generated
 
 
-def describe(identity: dict[str, Any]) -> str:
-    """One line of the report: network, weights digest and preprocessing."""
+def load_cached_features(path: Path, identity: dict[str, Any], count: int, image_size: tuple[int, int]) -> FeatureSet:
+    """The cached real-image features at `path`, checked before any sample is drawn: readable, made by this
+    network, weights and preprocessing, from `count` images of `image_size`; else an error with the fix."""
+    fix = "delete that file (ldmkit recomputes it from the real images on the next run)"
+    try:
+        cached = FeatureSet.load(path)
+    except Exception as err:  # safetensors errors, JSON errors, a file that is not ours
+        raise EvalConfigError(f"the cached real-image features {path} cannot be read ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); {fix}.") from err
+    expected = FeatureSet(identity)
+    expected.image_size = tuple(image_size)
+    try:
+        check_comparable(cached, expected, "use")
+    except FeatureMismatchError as err:
+        raise EvalConfigError(f"the cached real-image features {path} were made differently from this run's: "
+                              f"{err}. They are not compared; {fix}.") from err
+    if cached.num_samples != count:
+        raise EvalConfigError(f"the cached real-image features {path} hold {cached.num_samples} images, this run "
+                              f"compares {count}; {fix}.")
+    return cached
+
+
+def describe(extractor: Any) -> str:
+    """One line of the report: network, weights digest (and whether they are the official file, where the
+    extractor checked) and preprocessing."""
+    identity = extractor.identity
     pre = identity.get("preprocessing", {})
     steps = "; ".join(f"{k} {v}" for k, v in pre.items() if k != "reference")
-    return f"{identity.get('network')}, weights sha256 {identity.get('weights')}; preprocessing ({pre.get('reference')}): {steps}"
+    checked = getattr(extractor, "provenance", None)
+    weights = f"weights: {checked}" if checked else f"weights sha256 {identity.get('weights')}"
+    return f"{identity.get('network')}, {weights}; preprocessing ({pre.get('reference')}): {steps}"
 
 

@@ -75,4 +75,4 @@ class PRDC(Metric):
     def note(self, context: EvalContext, rows: Sequence[Row]) -> str:
         return (f"Precision/recall (k={self.k_pr}) and density/coverage (k={self.k_dc}): against the first "
                 f"{self.reference.real.num_samples} real images of the '{context.split}' split; "
-                f"{describe(self.reference.extractor.identity)}.")
+                f"{describe(self.reference.extractor)}.")

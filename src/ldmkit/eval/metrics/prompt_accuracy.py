@@ -9,22 +9,32 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ldmkit.eval.errors import EvalConfigError
+from ldmkit.eval.intervals import interval_of
 from ldmkit.eval.metrics.base import Column, EvalContext, Metric, Row, SampledBatch, pct
 
 MODES = ("auto", "required")
 
 
-def accuracy_column(key: str) -> Column:
-    def cell(row: Row) -> str:
-        accuracy = row.get("prompt_accuracy")
-        return pct(accuracy.get(key) if isinstance(accuracy, dict) else None)
+def accuracy_column(key: str, field: str = "prompt_accuracy", header: str | None = None) -> Column:
+    """A rate `row[field][key]` with its 95% Wilson interval from `row[field + "_counts"][key] = [k, n]`,
+    shown as "90.0% [82.4–94.6]"; the best row is the highest rate."""
+    def value(row: Row) -> float | None:
+        accuracy = row.get(field)
+        return accuracy.get(key) if isinstance(accuracy, Mapping) else None
 
-    return Column(f"{key} acc ↑", cell)
+    def interval(row: Row) -> tuple[float, float] | None:
+        return interval_of(row, f"{field}_counts", key)
+
+    def cell(row: Row) -> str:
+        text, ci = pct(value(row)), interval(row)
+        return text if text == "n/a" or ci is None else f"{text} [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]"
+
+    return Column(header or f"{key} acc ↑", cell, best="max", spec=".3f", value=value, interval=interval)
 
 
 class PromptAccuracy(Metric):
     name = "prompt_accuracy"
-    row = {"prompt_accuracy": None, "judged_prompts": 0}
+    row = {"prompt_accuracy": None, "prompt_accuracy_counts": None, "judged_prompts": 0}
     columns = tuple(accuracy_column(key) for key in ("colour", "shape", "both"))
 
     def __init__(self, mode: str = "auto", judge_steps: int = 300):
@@ -80,11 +90,14 @@ class PromptAccuracy(Metric):
             accuracy.correct.update(correct)
             accuracy.total.update(total)
         judged = sum(n for _, _, n in partials)
-        return {"prompt_accuracy": accuracy.compute() if judged else None, "judged_prompts": judged}
+        counts = {key: [accuracy.correct[key], accuracy.total[key]] for key in (*self.task["judged_fields"], "both")}
+        return {"prompt_accuracy": accuracy.compute() if judged else None,
+                "prompt_accuracy_counts": counts if judged else None, "judged_prompts": judged}
 
     def note(self, context: EvalContext, rows: Sequence[Row]) -> str:
         judged = rows[0].get("judged_prompts", 0) if rows else 0
         task = self.task
         return (f"Prompt accuracy: {' and '.join(task['judged_fields'])} read back by the {task['name']} attribute "
                 f"classifier (ldmkit.eval.attributes), judged on the {judged} {task['judged_prompts']} prompts of "
-                f"{context.num_samples}; {task['unjudged_prompts']}.")
+                f"{context.num_samples}; {task['unjudged_prompts']}. [low–high]: 95% Wilson interval, each judged "
+                "object one Bernoulli trial.")
