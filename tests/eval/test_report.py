@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from scipy.stats import binomtest
 
+from ldmkit.eval.metrics.clip_score import CLIPScoreMetric
 from ldmkit.eval.metrics.prompt_accuracy import PromptAccuracy
 from ldmkit.eval.plots import NO_METRIC, metric_vs_nfe_svgs
 from ldmkit.eval.report import (MAX_GRID_PX, MIN_CELL_PX, flatten_row, log_report_to_wandb, readable_grid,
@@ -275,3 +276,13 @@ def test_log_report_to_wandb_logs_table_and_images(monkeypatch):
     assert (flat["acc_colour_low"], flat["acc_colour_high"]) == pytest.approx(
         tuple(binomtest(61, JUDGED).proportion_ci(method="wilson")), rel=1e-12)
     assert "prompt_accuracy_counts" not in flat
+
+
+def test_several_models_get_a_line_per_model_and_sampler():
+    rows = [dict(model=m, sampler=s, steps=n, guidance=3.0, nfe=n, clip_score=20.0 + n + i)
+            for i, m in enumerate(("vp", "flow")) for s in ("euler", "heun") for n in (3, 6)]
+    (svg,) = metric_vs_nfe_svgs(rows, CLIPScoreMetric.columns)
+    names = re.findall(r'data-series="([^"]+)"', svg)
+    assert names == ["vp: euler", "vp: heun", "flow: euler", "flow: heun"]
+    colours = re.findall(r'<polyline [^>]*stroke="(#[0-9a-f]{6})"', svg)
+    assert len(set(colours)) == 4
