@@ -15,7 +15,7 @@ from ldmkit.eval.metrics.clip_score import CLIPScoreMetric
 from ldmkit.eval.metrics.prompt_accuracy import PromptAccuracy
 from ldmkit.eval.plots import NO_METRIC, metric_vs_nfe_svgs
 from ldmkit.eval.report import (MAX_GRID_PX, MIN_CELL_PX, flatten_row, log_report_to_wandb, readable_grid,
-                                write_report)
+                                table_marks, write_report)
 
 SAMPLERS = ("ddim", "dpmpp_2m", "euler_a")
 JUDGED = 68  # the quickstart's judged single-object prompts
@@ -286,3 +286,27 @@ def test_several_models_get_a_line_per_model_and_sampler():
     assert names == ["vp: euler", "vp: heun", "flow: euler", "flow: heun"]
     colours = re.findall(r'<polyline [^>]*stroke="(#[0-9a-f]{6})"', svg)
     assert len(set(colours)) == 4
+
+
+def test_compositional_categories_are_plotted_and_marked_with_their_intervals(tmp_path):
+    from ldmkit.eval.intervals import wilson_interval
+    from ldmkit.eval.metrics.compositional import CompositionalSuite, field
+
+    def row(sampler: str, steps: int, correct: int, n: int = 64) -> dict:
+        low, high = wilson_interval(correct, n)
+        return dict(sampler=sampler, steps=steps, guidance=3.0, nfe=steps, **{
+            field("counting"): correct / n, field("counting", "_lo"): low, field("counting", "_hi"): high,
+            field("counting", "_n"): n})
+
+    rows = [row("ddim", 10, 50), row("ddim", 20, 56), row("euler", 10, 52), row("euler", 20, 30)]
+    columns = CompositionalSuite.columns
+    (svg,) = metric_vs_nfe_svgs(rows, columns)  # only counting was measured
+    assert "counting acc ↑ [95% CI] vs NFE" in svg and svg.count('class="error-bar"') == 4
+    marks = table_marks(rows, columns)
+    # best 56/64: a row is marked where its own Wilson interval holds 0.875
+    for i, r in enumerate(rows):
+        low, high = r[field("counting", "_lo")], r[field("counting", "_hi")]
+        expected = "best" if i == 1 else ("within" if low <= 56 / 64 <= high else None)
+        assert marks.get((i, columns[0].header)) == expected
+    header = columns[0].header
+    assert [marks.get((i, header)) for i in range(4)] == [None, "best", "within", None]  # 50/64's interval ends below

@@ -28,7 +28,12 @@ def category_column(category: str) -> Column:
             return "n/a"
         return f"{100 * rate:.1f}% [{100 * low:.0f}, {100 * high:.0f}]"
 
-    return Column(f"{category} acc ↑ [95% CI]", cell)
+    def interval(row: Row) -> tuple[float, float] | None:
+        low, high = row.get(field(category, "_lo")), row.get(field(category, "_hi"))
+        return None if missing(low) or missing(high) else (float(low), float(high))
+
+    # key + interval: plotted against NFE with error bars, best bold, `≈` where the best lies in a row's interval
+    return Column(f"{category} acc ↑ [95% CI]", cell, key=field(category), best="max", spec=".3f", interval=interval)
 
 
 class CompositionalSuite(Metric):
