@@ -2,7 +2,7 @@
 1.3x the model's size, i.e. tensors are streamed and never held twice).
 
 An SD-1.5-shaped pipeline with random weights (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M
-parameters, fp32) is written with diffusers/transformers `save_pretrained`; ldmkit then imports it,
+parameters; fp32, or fp16 like the hub's fp16 variants) is written with diffusers/transformers `save_pretrained`; ldmkit then imports it,
 exports it to a diffusers folder and to a single file, and imports that single file. Each step runs in
 a fresh process whose peak RSS (`VmHWM`: the whole process, torch's own libraries included) is reported
 next to the model's size (the bytes of its weights). Peers in the same run, on the same files:
@@ -12,7 +12,7 @@ next to the model's size (the bytes of its weights). Peers in the same run, on t
 `baseline` is a process that only imports what ldmkit's converter imports (torch, open_clip): the memory
 every step holds before it reads a byte (about 0.5 GiB with a CUDA build of torch).
 
-    python bench/convert_memory.py [--size sd15|tiny] [--dir DIR] [--keep] [--json PATH]
+    python bench/convert_memory.py [--size sd15|tiny] [--dtype fp32|fp16] [--dir DIR] [--keep] [--json PATH]
 
 `--dir` holds the model files (several GB for sd15: use a disk with room, e.g. /tmp); without `--keep`
 the files are deleted at the end.
@@ -60,8 +60,8 @@ WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pyto
 
 # ---- the steps, each run in its own process (`--child STEP`) --------------------------------------
 
-def build(work: Path, size: str) -> None:
-    """The SD pipeline folder `work/sd` with random weights, saved by diffusers/transformers."""
+def build(work: Path, size: str, dtype: str = "fp32") -> None:
+    """The SD pipeline folder `work/sd` with random weights (in `dtype`), saved by diffusers/transformers."""
     import diffusers
     import torch
     import transformers
@@ -80,6 +80,8 @@ def build(work: Path, size: str) -> None:
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if dtype == "fp16":
+        pipe.to(torch.float16)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -148,13 +150,13 @@ def _vmhwm_kib() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def child(step: str, work: Path, size: str) -> None:
+def child(step: str, work: Path, size: str, dtype: str) -> None:
     import torch
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     if step == "build":
-        build(work, size)
+        build(work, size, dtype)
     else:
         STEPS[step][0](work)
     common.child_result({"seconds": time.perf_counter() - start, "peak_kib": _vmhwm_kib()})
@@ -162,37 +164,42 @@ def child(step: str, work: Path, size: str) -> None:
 
 # ---- the parent ------------------------------------------------------------------------------------
 
-def model_bytes(folder: Path) -> tuple[int, int]:
-    """(bytes of the weights' tensors, bytes of the folder on disk) of a diffusers SD folder."""
+def model_bytes(folder: Path) -> tuple[int, int, int]:
+    """(bytes of the weights as stored, as float32 (what ldmkit holds), bytes of the folder on disk) of an SD folder."""
     import struct
 
-    tensors = 0
+    stored = fp32 = 0
     for name, file in WEIGHTS.items():
         with open(folder / name / file, "rb") as f:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        tensors += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+        for key, v in header.items():
+            if key != "__metadata__":
+                size = v["data_offsets"][1] - v["data_offsets"][0]
+                stored += size
+                fp32 += size * (2 if v["dtype"] in ("F16", "BF16") else 1)
     disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return tensors, disk
+    return stored, fp32, disk
 
 
-def run(size: str, work: Path, steps: list[str]) -> dict[str, Any]:
-    argv = lambda step: ["--child", step, "--dir", str(work), "--size", size]  # noqa: E731
+def run(size: str, dtype: str, work: Path, steps: list[str]) -> dict[str, Any]:
+    argv = lambda step: ["--child", step, "--dir", str(work), "--size", size, "--dtype", dtype]  # noqa: E731
     built = common.run_child(__file__, argv("build"), timeout=3600)
-    tensors, disk = model_bytes(work / "sd")
+    stored, tensors, disk = model_bytes(work / "sd")
     rows = []
     for step in steps:
         result = common.run_child(__file__, argv(step), timeout=3600)
         peak = result["peak_kib"] * 1024
         rows.append({"step": step, "whose": STEPS[step][1], "what": STEPS[step][2], "peak_rss_bytes": peak,
                      "ratio": peak / tensors, "seconds": result["seconds"]})
-    return {"size": size, "model_bytes": tensors, "disk_bytes": disk, "build_seconds": built["seconds"], "target": TARGET,
+    return {"size": size, "dtype": dtype, "model_bytes": tensors, "stored_bytes": stored, "disk_bytes": disk, "build_seconds": built["seconds"], "target": TARGET,
             "machine": common.machine_summary(), "load": common.load_average(), "rows": rows}
 
 
 def report(result: dict[str, Any]) -> None:
     gib = 2**30
-    print(f"model: {result['size']}, weights {result['model_bytes'] / gib:.3f} GiB (fp32 tensors), "
-          f"folder on disk {result['disk_bytes'] / gib:.3f} GiB; built in {result['build_seconds']:.1f} s")
+    print(f"model: {result['size']}, weights {result['model_bytes'] / gib:.3f} GiB as float32 (the model's size below; "
+          f"{result['dtype']} in the files: {result['stored_bytes'] / gib:.3f} GiB), folder on disk "
+          f"{result['disk_bytes'] / gib:.3f} GiB; built in {result['build_seconds']:.1f} s")
     rows = result["rows"]
     base = next((r["peak_rss_bytes"] for r in rows if r["step"] == "baseline"), None)
     common.print_table(
@@ -212,6 +219,7 @@ def report(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="sd15")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="dtype of the SD files (import writes fp32)")
     p.add_argument("--dir", type=Path, default=None, help="where the model files go (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the model files")
     p.add_argument("--steps", nargs="+", choices=sorted(STEPS), default=list(STEPS), help="steps to run (default: all, in order)")
@@ -223,12 +231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.child:
-        child(args.child, args.dir, args.size)
+        child(args.child, args.dir, args.size, args.dtype)
         return None
-    common.header(f"Import/export peak memory ({args.size})", args)
+    common.header(f"Import/export peak memory ({args.size}, {args.dtype} files)", args)
     work = Path(tempfile.mkdtemp(prefix="ldmkit-convert-", dir=args.dir))
     try:
-        result = run(args.size, work, [s for s in STEPS if s in args.steps])
+        result = run(args.size, args.dtype, work, [s for s in STEPS if s in args.steps])
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,6 +16,7 @@ from ldmkit.interop.vae import (  # noqa: E402
     diffusers_autoencoder_config,
 )
 from ldmkit.nn.autoencoder import AutoencoderKL  # noqa: E402
+from ldmkit.interop.unet import UNET_HAS_NORM_EPS  # noqa: E402
 from ldmkit.nn.unet import UNet, state_dict_from_diffusers  # noqa: E402
 
 TOL = 1e-5
@@ -46,11 +47,12 @@ def test_vae_tiny_encode_decode_match_diffusers() -> None:
                                              down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2), 0.1)
     ours = AutoencoderKL(autoencoder_config_from_diffusers(ref.config)).eval()
     ours.load_state_dict(autoencoder_state_from_diffusers(ref.state_dict()), strict=True)
-    x, z = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 8, 8)
-    with torch.no_grad():
-        want, got = ref.encode(x).latent_dist, ours.encode(x)
-        assert (want.mean - got.mean).abs().max() <= TOL and (want.logvar - got.logvar).abs().max() <= TOL
-        assert (ref.decode(z).sample - ours.decode(z)).abs().max() <= TOL
+    for amplitude in (1.0, 1e-2):  # small inputs make GroupNorm's eps (SD's VAE: 1e-6) matter: 1e-5 fails here
+        x, z = amplitude * torch.randn(2, 3, 16, 16), amplitude * torch.randn(2, 4, 8, 8)
+        with torch.no_grad():
+            want, got = ref.encode(x).latent_dist, ours.encode(x)
+            assert (want.mean - got.mean).abs().max() <= TOL and (want.logvar - got.logvar).abs().max() <= TOL
+            assert (ref.decode(z).sample - ours.decode(z)).abs().max() <= TOL
     back = autoencoder_state_to_diffusers(ours.state_dict())
     assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
 
@@ -153,7 +155,7 @@ def test_unet_tiny_matches_diffusers_and_inverts(sd2: bool) -> None:
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=32,
         attention_head_dim=[2, 4] if sd2 else 2, norm_num_groups=8, use_linear_projection=sd2, sample_size=8))
-    cfg = unet_config_from_diffusers(ref.config)  # SD's norm_eps 1e-5 for the ResNets (ldmkit: 1e-6) stays within TOL
+    cfg = unet_config_from_diffusers(ref.config)
     ours = UNet(cfg).eval()
     ours.load_state_dict(state_dict_from_diffusers(ref.state_dict()), strict=True)
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
@@ -161,6 +163,25 @@ def test_unet_tiny_matches_diffusers_and_inverts(sd2: bool) -> None:
         assert (ref(x, t, c).sample - ours(x, t, c)).abs().max() <= TOL
     back = unet_state_to_diffusers(ours.state_dict(), linear_projection=sd2)
     assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.xfail(not UNET_HAS_NORM_EPS, strict=True, reason=(
+    "ldmkit's UNet has GroupNorm eps 1e-6 everywhere; SD's ResNet blocks and output norm use 1e-5 (diffusers' "
+    "norm_eps), which needs a UNetConfig.norm_eps field (nn/backbones/unet.py). Off by up to ~7e-5 here."))
+@pytest.mark.parametrize("sd2", [False, True])
+def test_unet_group_norm_eps_matches_sd(sd2: bool) -> None:
+    """Small latents (std 0.01) make GroupNorm's eps visible: eps 1e-6 instead of SD's 1e-5 in the ResNets moves
+    the output by ~6e-5 on this net; with the right eps the outputs are equal to rounding."""
+    ref = _randomize(diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=32,
+        attention_head_dim=[2, 4] if sd2 else 2, norm_num_groups=8, use_linear_projection=sd2, sample_size=8))
+    assert ref.config.norm_eps == 1e-5
+    ours = UNet(unet_config_from_diffusers(ref.config)).eval()
+    ours.load_state_dict(state_dict_from_diffusers(ref.state_dict()), strict=True)
+    x, t, c = 0.01 * torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        assert (ref(x, t, c).sample - ours(x, t, c)).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("spec", [SD15_UNET, SD21_UNET], ids=["sd15", "sd21"])

@@ -85,13 +85,31 @@ def _nothing_written(tmp_path: Path, keep: set[str]) -> bool:
 def test_missing_component_and_mismatched_latent_channels(sd_folders, tmp_path) -> None:
     broken = shutil.copytree(sd_folders["sd1"], tmp_path / "broken")
     shutil.rmtree(broken / "vae")
-    with pytest.raises(InteropError, match="missing vae/"):
+    with pytest.raises(InteropError, match=r"missing vae/.*or pass the model's single-file checkpoint"):
         import_checkpoint(broken, tmp_path / "out")
     diffusers.AutoencoderKL(block_out_channels=[32, 64], layers_per_block=1, latent_channels=8, norm_num_groups=32,
                             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2).save_pretrained(broken / "vae")
     with pytest.raises(InteropError, match="8 latent channels but the UNet takes 4"):
         import_checkpoint(broken, tmp_path / "out")
     assert _nothing_written(tmp_path, {"broken"})
+
+
+@pytest.mark.parametrize(("pipeline", "components", "message"), [
+    ("StableDiffusionXLPipeline", ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"],
+     r"a StableDiffusionXLPipeline \(SDXL\): SDXL is not supported yet; Stable Diffusion 1.x .* and 2.x"),
+    ("StableDiffusion3Pipeline", ["transformer", "vae", "text_encoder", "text_encoder_3", "scheduler"], "SD3 is not supported yet"),
+    ("FluxPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "scheduler"], "Flux is not supported yet"),
+    ("StableDiffusionInpaintPipeline", ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
+     "a StableDiffusionInpaintPipeline, which is not supported yet"),
+])
+def test_other_pipeline_folders_are_named(pipeline, components, message, tmp_path) -> None:
+    folder = tmp_path / "model"
+    for name in components:
+        (folder / name).mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    with pytest.raises(InteropError, match=message):
+        import_checkpoint(folder, tmp_path / "out")
+    assert _nothing_written(tmp_path, {"model"})
 
 
 def _single_file(keys: dict[str, torch.Tensor], path: Path) -> Path:
@@ -144,3 +162,39 @@ def test_export_refuses_transformer_backbones_and_existing_targets(sd_folders, t
     with pytest.raises(InteropError, match="dit backbone"):
         export_diffusers(paths["ldm"], tmp_path / "new")
     assert not (tmp_path / "new").exists() and list(target.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_export_overwrite_replaces_only_its_files_and_a_failed_export_writes_nothing(sd_folders, tmp_path, monkeypatch) -> None:
+    import ldmkit.interop.sd_export as sd_export
+
+    paths = import_checkpoint(sd_folders["sd1"], tmp_path / "imp")
+    target = tmp_path / "exported"
+    (target / "unet").mkdir(parents=True)
+    (target / "README.md").write_text("mine")
+    (target / "unet" / "notes.txt").write_text("mine too")
+    (target / "model_index.json").write_text("stale")
+    export_diffusers(paths["ldm"], target, overwrite=True)
+    assert (target / "README.md").read_text() == "mine" and (target / "unet" / "notes.txt").read_text() == "mine too"
+    assert json.loads((target / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert diffusers.StableDiffusionPipeline.from_pretrained(target, local_files_only=True).unet.config.in_channels == 4
+
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"not mine")
+    with pytest.raises(InteropError, match="already exists"):
+        export_single_file(paths["ldm"], single)
+    assert single.read_bytes() == b"not mine"
+    export_single_file(paths["ldm"], single, overwrite=True)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in load_file(str(single))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sd_export, "write_tokenizer_folder", fail)  # a failure half-way through the folder
+    before = sorted((p.relative_to(target), p.read_bytes()) for p in target.rglob("*") if p.is_file())
+    for out, overwrite in ((tmp_path / "new", False), (target, True)):
+        with pytest.raises(OSError, match="disk full"):
+            export_diffusers(paths["ldm"], out, overwrite=overwrite)
+    assert not (tmp_path / "new").exists()
+    assert sorted((p.relative_to(target), p.read_bytes()) for p in target.rglob("*") if p.is_file()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "imp", "model.safetensors"]  # no temporary folders

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ldmkit.interop import single_file as sf
-from ldmkit.interop.files import atomic_output, write_safetensors
+from ldmkit.interop.files import MAPPED, artifact_tensors, atomic_output, write_safetensors
 from ldmkit.interop.scheduler import scheduler_config
 from ldmkit.interop.text import hf_text_config, text_state_to_hf
 from ldmkit.interop.tokenizer import write_tokenizer_folder
@@ -27,9 +27,7 @@ SUPPORTED_ARCHS = {"unet": "UNet2DConditionModel"}
 
 
 def _read_ldm(folder: Path) -> dict[str, Any]:
-    from ldmkit.artifacts import load_artifact
-
-    tensors, config = load_artifact(folder, "ldm")
+    tensors, config = artifact_tensors(folder, "ldm")
     version = int(config.get("format_version", 1))
     if version >= 2:
         backbone, process = config["backbone"], dict(config["process"])
@@ -49,8 +47,6 @@ def _read_ldm(folder: Path) -> dict[str, Any]:
 
 
 def _encoders(config: dict[str, Any], folder: Path) -> tuple[AutoencoderConfig, dict, float, dict[str, Any], dict]:
-    from ldmkit.artifacts import load_artifact
-
     paths = {}
     for key in ("autoencoder", "text_encoder"):
         path = Path(config.get(key, ""))
@@ -58,8 +54,8 @@ def _encoders(config: dict[str, Any], folder: Path) -> tuple[AutoencoderConfig, 
             raise InteropError(f"the ldm artifact '{folder}' references its {key} at '{path}', which is not an artifact folder: "
                                "export needs it (copy it back or edit config.json).")
         paths[key] = path
-    ae_tensors, ae_config = load_artifact(paths["autoencoder"], "autoencoder")
-    te_tensors, te_config = load_artifact(paths["text_encoder"], "clip")
+    ae_tensors, ae_config = artifact_tensors(paths["autoencoder"], "autoencoder")
+    te_tensors, te_config = artifact_tensors(paths["text_encoder"], "clip")
     if float(ae_config.get("shift_factor", 0.0)) != 0.0:
         raise InteropError(f"the autoencoder's latent shift_factor is {ae_config['shift_factor']}: StableDiffusionPipeline "
                            "has no latent shift, so this model cannot be exported to it.")
@@ -93,7 +89,11 @@ def _load(folder: Path) -> dict[str, Any]:
 
 def export_diffusers(ldm: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """A folder that `StableDiffusionPipeline.from_pretrained(out)` loads offline."""
-    ldm, out = Path(ldm), Path(out)
+    with MAPPED.session():
+        return _export_diffusers(Path(ldm), Path(out), overwrite)
+
+
+def _export_diffusers(ldm: Path, out: Path, overwrite: bool) -> Path:
     m = _load(ldm)
     f = m["vae"].downsampling_factor
     vae_kwargs = diffusers_autoencoder_config(m["vae"], scaling_factor=m["scale"], sample_size=m["resolution"])
@@ -129,7 +129,11 @@ def _component(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Te
 
 def export_single_file(ldm: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """One `.safetensors` in the original CompVis/Stability layout (what A1111/ComfyUI-style loaders read)."""
-    ldm, out = Path(ldm), Path(out)
+    with MAPPED.session():
+        return _export_single_file(Path(ldm), Path(out), overwrite)
+
+
+def _export_single_file(ldm: Path, out: Path, overwrite: bool) -> Path:
     if out.suffix != ".safetensors":
         raise InteropError(f"single-file export writes safetensors: name the output '*.safetensors', got '{out.name}'.")
     m = _load(ldm)

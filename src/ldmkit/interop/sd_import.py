@@ -16,17 +16,20 @@ from typing import Any
 import torch
 
 from ldmkit.interop import single_file as sf
-from ldmkit.interop.files import LazyTensors, atomic_output, write_artifact
+from ldmkit.interop.files import MAPPED, LazyTensors, atomic_output, write_artifact
 from ldmkit.interop.scheduler import SD_SCHEDULER, process_from_scheduler
 from ldmkit.interop.text import clip_model_cfg_from_hf, complete_clip_state, text_state_from_hf
 from ldmkit.interop.tokenizer import pad_id_from_tokenizer_folder
-from ldmkit.interop.unet import unet_config_from_diffusers
+from ldmkit.interop.unet import SD_NORM_EPS, norm_eps_field, unet_config_from_diffusers
 from ldmkit.interop.vae import SD_LATENT_SCALE, InteropError, autoencoder_config_from_diffusers, autoencoder_state_from_diffusers
 from ldmkit.nn.autoencoder import AutoencoderConfig
 from ldmkit.nn.unet import UNetConfig, state_dict_from_diffusers
 
 LDM_FORMAT_VERSION = 2
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # the same three models
+OTHER_FAMILIES = (("StableDiffusionXL", "SDXL"), ("StableDiffusion3", "SD3"), ("Flux", "Flux"), ("PixArt", "PixArt"),
+                  ("Kandinsky", "Kandinsky"), ("StableCascade", "Stable Cascade"))
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
 
 
@@ -67,15 +70,23 @@ def _json(path: Path) -> dict[str, Any]:
         raise InteropError(f"cannot read '{path}' ({err}); the folder is incomplete or corrupt.") from err
 
 
+def _check_pipeline_class(folder: Path) -> None:
+    index = folder / "model_index.json"
+    cls = _json(index).get("_class_name") if index.is_file() else None
+    if cls and cls not in SD_PIPELINES:
+        family = next((name for prefix, name in OTHER_FAMILIES if cls.startswith(prefix)), None)
+        what = f"a {cls} ({family}): {family} is" if family else f"a {cls}, which is"
+        raise InteropError(f"'{folder}' holds {what} not supported yet; {sf.SUPPORTED} are "
+                           "(StableDiffusionPipeline folders or their single files).")
+
+
 def read_diffusers_folder(folder: Path) -> Imported:
+    _check_pipeline_class(folder)
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
-        index = folder / "model_index.json"
-        cls = _json(index).get("_class_name") if index.is_file() else None
-        if cls and cls != "StableDiffusionPipeline":
-            raise InteropError(f"'{folder}' is a {cls} (not StableDiffusionPipeline): only SD 1.x/2.x are supported yet.")
         raise InteropError(f"diffusers folder '{folder}' is missing {', '.join(f'{m}/' for m in missing)}: a Stable Diffusion "
-                           f"folder needs {', '.join(f'{c}/' for c in COMPONENTS)} (as save_pretrained writes them).")
+                           f"folder needs {', '.join(f'{c}/' for c in COMPONENTS)} (as save_pretrained writes them). Copy the "
+                           "complete model folder, or pass the model's single-file checkpoint (.safetensors) instead.")
     unet_json, vae_json = _json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json")
     text_json = _json(folder / "text_encoder" / "config.json")
     sched_json = _json(folder / "scheduler" / "scheduler_config.json")
@@ -94,7 +105,7 @@ def read_diffusers_folder(folder: Path) -> Imported:
     return Imported(family, unet, unet_state, vae, vae_state, clip_cfg, text_state, process, alphas_cumprod, prediction,
                     resolution=int(unet_json.get("sample_size", 64)) * vae.downsampling_factor,
                     interop={"use_linear_projection": bool(unet_json.get("use_linear_projection", proj is None)),
-                             "norm_eps": float(unet_json.get("norm_eps", 1e-5)),
+                             "norm_eps": float(unet_json.get("norm_eps", SD_NORM_EPS)),
                              "upcast_attention": bool(unet_json.get("upcast_attention", False)),
                              "scheduler": sched_json, "scaling_factor": float(vae_json.get("scaling_factor", SD_LATENT_SCALE))})
 
@@ -106,7 +117,7 @@ def _count(keys: list[str], pattern: str) -> int:
 
 
 def read_single_file(path: Path, prediction: str | None = None) -> Imported:
-    tensors = LazyTensors([path], float32=True)
+    tensors = LazyTensors([path])
     keys = list(tensors)
     family = sf.detect_family(keys)
     unet_keys = [k for k in keys if k.startswith(sf.UNET_PREFIX)]
@@ -158,7 +169,7 @@ def read_single_file(path: Path, prediction: str | None = None) -> Imported:
     process, alphas_cumprod, _ = process_from_scheduler(SD_SCHEDULER)
     return Imported(family, unet, state_dict_from_diffusers(unet_diffusers), vae, vae_state, clip_cfg, text_state, process,
                     alphas_cumprod, prediction, resolution=768 if family == "sd2" and prediction == "v" else 512,
-                    interop={"use_linear_projection": family == "sd2", "norm_eps": 1e-5, "upcast_attention": family == "sd2",
+                    interop={"use_linear_projection": family == "sd2", "norm_eps": SD_NORM_EPS, "upcast_attention": family == "sd2",
                              "scaling_factor": SD_LATENT_SCALE})
 
 
@@ -182,7 +193,7 @@ def _unet_config_from_shapes(t: LazyTensors, keys: list[str], family: str) -> UN
         in_channels=int(t[p + "input_blocks.0.0.weight"].shape[1]), out_channels=int(t[p + "out.2.weight"].shape[0]),
         model_channels=ch, channel_mult=tuple(w // ch for w in widths), num_res_blocks=layers, attention_levels=tuple(attention),
         num_heads=8 if family == "sd1" else None, head_dim=None if family == "sd1" else 64, transformer_depth=depth,
-        context_dim=int(t[attn2].shape[1]), norm_groups=32)
+        context_dim=int(t[attn2].shape[1]), norm_groups=32, **norm_eps_field(SD_NORM_EPS))
 
 
 def _unet_state_from_original(t: LazyTensors, cfg: UNetConfig) -> dict[str, torch.Tensor]:
@@ -206,7 +217,11 @@ def check_compatible(m: Imported) -> None:
 
 def import_checkpoint(src: str | Path, out: str | Path, *, prediction: str | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Read `src` (diffusers folder or single file) and write out/{autoencoder,text_encoder,ldm}; returns their paths."""
-    src, out = Path(src), Path(out)
+    with MAPPED.session():
+        return _import(Path(src), Path(out), prediction, overwrite)
+
+
+def _import(src: Path, out: Path, prediction: str | None, overwrite: bool) -> dict[str, Path]:
     if src.is_dir():
         model = read_diffusers_folder(src)
         if prediction is not None and prediction != model.prediction:

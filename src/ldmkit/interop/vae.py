@@ -66,30 +66,27 @@ def diffusers_autoencoder_config(config: AutoencoderConfig, scaling_factor: floa
     )
 
 
-_RENAMES = [  # (diffusers pattern, ldmkit replacement), applied in order
-    (r"\.down_blocks\.(\d+)\.resnets\.", r".down.\1.blocks."),
-    (r"\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r".down.\1.downsample.op."),
-    (r"\.up_blocks\.(\d+)\.resnets\.", r".up.\1.blocks."),
-    (r"\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.", r".up.\1.upsample.conv."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.block1."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.block2."),
-    (r"\.mid_block\.attentions\.0\.group_norm\.", ".mid.attn.norm."),
-    (r"\.mid_block\.attentions\.0\.to_out\.0\.", ".mid.attn.proj_out."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"\.conv_norm_out\.", ".norm_out."),
+_MODULES = [  # (diffusers, ldmkit) module paths, "{i}" a level index; applied in order, in either direction
+    (".down_blocks.{i}.resnets.", ".down.{i}.blocks."),
+    (".down_blocks.{i}.downsamplers.0.conv.", ".down.{i}.downsample.op."),
+    (".up_blocks.{i}.resnets.", ".up.{i}.blocks."),
+    (".up_blocks.{i}.upsamplers.0.conv.", ".up.{i}.upsample.conv."),
+    (".mid_block.resnets.0.", ".mid.block1."),
+    (".mid_block.resnets.1.", ".mid.block2."),
+    (".mid_block.attentions.0.group_norm.", ".mid.attn.norm."),
+    (".mid_block.attentions.0.to_out.0.", ".mid.attn.proj_out."),
+    (".conv_shortcut.", ".skip."),
+    (".conv_norm_out.", ".norm_out."),
 ]
-_INVERSE = [
-    (r"\.down\.(\d+)\.blocks\.", r".down_blocks.\1.resnets."),
-    (r"\.down\.(\d+)\.downsample\.op\.", r".down_blocks.\1.downsamplers.0.conv."),
-    (r"\.up\.(\d+)\.blocks\.", r".up_blocks.\1.resnets."),
-    (r"\.up\.(\d+)\.upsample\.conv\.", r".up_blocks.\1.upsamplers.0.conv."),
-    (r"\.mid\.block1\.", ".mid_block.resnets.0."),
-    (r"\.mid\.block2\.", ".mid_block.resnets.1."),
-    (r"\.mid\.attn\.norm\.", ".mid_block.attentions.0.group_norm."),
-    (r"\.mid\.attn\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
-    (r"\.skip\.", ".conv_shortcut."),
-    (r"\.norm_out\.", ".conv_norm_out."),
-]
+
+
+def _rules(source: int) -> list[tuple[str, str]]:
+    """(regex, replacement) rules from column `source` of `_MODULES` to the other column."""
+    return [(re.escape(pair[source]).replace(re.escape("{i}"), r"(\d+)"), pair[1 - source].replace("{i}", r"\1"))
+            for pair in _MODULES]
+
+
+_RENAMES, _INVERSE = _rules(0), _rules(1)  # diffusers -> ldmkit, ldmkit -> diffusers
 _ATTN = ".mid_block.attentions.0."
 
 
