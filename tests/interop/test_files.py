@@ -46,6 +46,10 @@ def test_writing_releases_the_input_pages_and_keeps_modified_ones(tmp_path) -> N
     views = dict(lazy)
     views["t03"][5] = -1.0  # a caller's change to a mapped tensor (a private copy-on-write page)
     with MAPPED.session():
+        assert sum(float(v.sum()) for v in views.values()) != 0  # every page read: RSS holds the file
+        touched = _status_mib("VmRSS")
+        MAPPED.release_all()
+        assert touched - _status_mib("VmRSS") > count * mib / 2  # handed back; the views stay valid (below)
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
         before = _status_mib("VmRSS")
         write_safetensors(tmp_path / "out.safetensors", views)

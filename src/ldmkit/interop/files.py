@@ -75,8 +75,16 @@ class _MappedRanges:
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
         i = bisect.bisect_right(self.starts, start) - 1
-        if i < 0 or end > self.ends[i] or not tensor.is_contiguous():
-            return
+        if i >= 0 and end <= self.ends[i] and tensor.is_contiguous():
+            self._pageout(start, end)
+
+    def release_all(self) -> None:
+        """Hand back every page read so far (e.g. the Q/K/V inputs of fused copies); views stay valid and re-read."""
+        if self._madvise is not None:
+            for start, end in zip(self.starts, self.ends):
+                self._pageout(start, end)
+
+    def _pageout(self, start: int, end: int) -> None:
         first, last = -(-start // self.page) * self.page, end // self.page * self.page  # whole pages inside only
         if last > first:
             self._madvise(first, last - first, self.MADV_PAGEOUT)  # a hint: failure (old kernel) only costs memory

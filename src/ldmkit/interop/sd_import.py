@@ -233,6 +233,7 @@ def _import(src: Path, out: Path, prediction: str | None, overwrite: bool) -> di
     else:
         raise InteropError(f"'{src}' does not exist: pass a diffusers folder (with unet/, vae/, ...) or a .safetensors/.ckpt file.")
     check_compatible(model)
+    MAPPED.release_all()  # the pages the fused Q/K/V copies read
     return write_imported(model, out, overwrite=overwrite, source=str(src.resolve()))
 
 
