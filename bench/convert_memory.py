@@ -2,10 +2,11 @@
 1.3x the model's size, i.e. tensors are streamed and never held twice).
 
 An SD-1.5-shaped pipeline with random weights (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M
-parameters; fp32, or fp16 like the hub's fp16 variants) is written with diffusers/transformers `save_pretrained`; ldmkit then imports it,
-exports it to a diffusers folder and to a single file, and imports that single file. Each step runs in
-a fresh process whose peak RSS (`VmHWM`: the whole process, torch's own libraries included) is reported
-next to the model's size (the bytes of its weights). Peers in the same run, on the same files:
+parameters; fp32, or fp16 like the hub's fp16 variants) is written with diffusers/transformers
+`save_pretrained`; ldmkit then imports it, exports it to a diffusers folder and to a single file, and
+imports that single file. Each step runs in a fresh process whose peak RSS (`VmHWM`: the whole process,
+torch's own libraries and memory-mapped file pages included) is reported next to the model's size (the
+bytes of its weights as float32, what ldmkit holds). Peers in the same run, on the same files:
 - diffusers: `StableDiffusionPipeline.from_pretrained` + `save_pretrained` (a diffusers-to-diffusers copy);
 - safetensors: `load_file` of every weights file, each tensor copied into memory (`.clone()`), the floor
   of any converter that materialises the model.
@@ -191,8 +192,9 @@ def run(size: str, dtype: str, work: Path, steps: list[str]) -> dict[str, Any]:
         peak = result["peak_kib"] * 1024
         rows.append({"step": step, "whose": STEPS[step][1], "what": STEPS[step][2], "peak_rss_bytes": peak,
                      "ratio": peak / tensors, "seconds": result["seconds"]})
-    return {"size": size, "dtype": dtype, "model_bytes": tensors, "stored_bytes": stored, "disk_bytes": disk, "build_seconds": built["seconds"], "target": TARGET,
-            "machine": common.machine_summary(), "load": common.load_average(), "rows": rows}
+    return {"size": size, "dtype": dtype, "model_bytes": tensors, "stored_bytes": stored, "disk_bytes": disk,
+            "build_seconds": built["seconds"], "target": TARGET, "machine": common.machine_summary(),
+            "load": common.load_average(), "rows": rows}
 
 
 def report(result: dict[str, Any]) -> None:
