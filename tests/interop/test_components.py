@@ -130,6 +130,21 @@ def test_tokenizer_ids_match_transformers_clip_tokenizer(tmp_path) -> None:
     assert torch.equal(ours(prompts), want)
 
 
+@pytest.mark.parametrize("pad_id", [49407, 0])
+def test_tokenizer_folder_with_only_tokenizer_json(tmp_path, pad_id: int) -> None:
+    """transformers >= 5 `save_pretrained` writes tokenizer.json without vocab.json/merges.txt: read the same."""
+    from ldmkit.interop.tokenizer import pad_id_from_tokenizer_folder, write_tokenizer_folder
+
+    write_tokenizer_folder(tmp_path / "slow", pad_id)
+    transformers.CLIPTokenizerFast.from_pretrained(tmp_path / "slow").save_pretrained(tmp_path / "fast")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "fast" / name).unlink(missing_ok=True)
+    assert pad_id_from_tokenizer_folder(tmp_path / "fast") == pad_id
+    (tmp_path / "fast" / "tokenizer.json").unlink()
+    with pytest.raises(InteropError, match="neither vocab.json nor tokenizer.json"):
+        pad_id_from_tokenizer_folder(tmp_path / "fast")
+
+
 def test_text_encoder_sd_shaped_keys_and_shapes_on_meta() -> None:
     from ldmkit.nn.clip import build_clip
 

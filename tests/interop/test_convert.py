@@ -198,3 +198,20 @@ def test_export_overwrite_replaces_only_its_files_and_a_failed_export_writes_not
     assert not (tmp_path / "new").exists()
     assert sorted((p.relative_to(target), p.read_bytes()) for p in target.rglob("*") if p.is_file()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "imp", "model.safetensors"]  # no temporary folders
+
+
+@pytest.mark.slow
+def test_fp16_folder_imports_as_float32(sd_folders, tmp_path) -> None:
+    """fp16 files (the hub's fp16 variants) are upcast while writing, one tensor at a time: the artifacts hold float32
+    equal to the fp16 values, the same tensors as importing the fp32 folder rounded to fp16."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folders["sd1"], local_files_only=True)
+    pipe.to(torch.float16).save_pretrained(tmp_path / "fp16")
+    assert load_file(str(tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"].dtype == torch.float16
+    half, full = (_artifact_tensors(import_checkpoint(src, tmp_path / name))
+                  for src, name in ((tmp_path / "fp16", "from_fp16"), (sd_folders["sd1"], "from_fp32")))
+    for kind in ("autoencoder", "text_encoder", "ldm"):
+        assert half[kind].keys() == full[kind].keys()
+        for key, value in full[kind].items():
+            want = value if key == "process.alphas_cumprod" or not value.is_floating_point() or kind == "text_encoder" and \
+                key.startswith(("visual.", "text_projection", "logit_scale")) else value.half().float()
+            assert half[kind][key].dtype == value.dtype and torch.equal(half[kind][key], want), (kind, key)

@@ -30,24 +30,37 @@ def _token(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _folder_bpe(folder: Path) -> tuple[dict[str, int], list[str] | None]:
+    """(vocabulary, merges or None) of a tokenizer folder: the slow files (vocab.json, merges.txt, as the hub's SD
+    folders hold them) or the fast `tokenizer.json` alone (what transformers >= 5 `save_pretrained` writes)."""
+    if (folder / "vocab.json").is_file():
+        vocab = json.loads((folder / "vocab.json").read_text())
+        merges_path = folder / "merges.txt"
+        if not merges_path.is_file():
+            return vocab, None
+        text = merges_path.read_text(encoding="utf-8").splitlines()
+        return vocab, [line for line in text if line and not line.startswith("#version")]
+    if (folder / "tokenizer.json").is_file():
+        model = json.loads((folder / "tokenizer.json").read_text()).get("model") or {}
+        if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+            raise InteropError(f"'{folder / 'tokenizer.json'}' is a {model.get('type')} tokenizer, not CLIP's BPE: only "
+                               "CLIP-tokenized models (SD 1.x/2.x) are supported.")
+        return model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    raise InteropError(f"'{folder}' has neither vocab.json nor tokenizer.json: Stable Diffusion's tokenizer/ folder holds "
+                       "CLIP's vocab.json and merges.txt (or tokenizer.json); copy it from the model.")
+
+
 def pad_id_from_tokenizer_folder(folder: Path) -> int:
     """The pad id of an SD `tokenizer/` folder (SD 1.x: `<|endoftext|>` = 49407, SD 2.x: `!` = 0), after checking
     that its vocabulary is CLIP's BPE."""
-    vocab_path = folder / "vocab.json"
-    if not vocab_path.is_file():
-        raise InteropError(f"'{folder}' has no vocab.json: Stable Diffusion's tokenizer/ folder holds CLIP's vocab.json and "
-                           "merges.txt; copy it from the model.")
-    vocab = json.loads(vocab_path.read_text())
+    vocab, lines = _folder_bpe(folder)
     reference, merges = bpe_files()
     if vocab != reference:
         differ = [k for k in reference if vocab.get(k) != reference[k]][:3]
-        raise InteropError(f"'{vocab_path}' is not CLIP's BPE vocabulary ({len(vocab)} tokens; differs at {differ}): "
+        raise InteropError(f"the vocabulary of '{folder}' is not CLIP's BPE ({len(vocab)} tokens; differs at {differ}): "
                            "only CLIP-tokenized models (SD 1.x/2.x) are supported.")
-    merges_path = folder / "merges.txt"
-    if merges_path.is_file():
-        lines = [line for line in merges_path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#version")]
-        if lines != merges[: len(lines)] or len(lines) != len(merges):
-            raise InteropError(f"'{merges_path}' is not CLIP's BPE merges: only CLIP-tokenized models are supported.")
+    if lines is not None and lines != merges:
+        raise InteropError(f"the BPE merges of '{folder}' are not CLIP's: only CLIP-tokenized models are supported.")
     pad = None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if (folder / name).is_file():
