@@ -113,22 +113,29 @@ def line_plot_svg(
     parts.append(
         f'<text transform="translate(16 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">{e(y_label)}</text>'
     )
+    # error bars of several series at one x would hide each other: dodge each series a few pixels sideways
+    dodge = 5.0 if any(p.low is not None for p in points) else 0.0
     for i, (name, pts) in enumerate(series.items()):
         colour, dash = styles.get(name, Style(PALETTE[i % len(PALETTE)]))
+        shift = (i - (len(series) - 1) / 2) * dodge
+
+        def sx(x: float, shift: float = shift) -> float:
+            return px(x) + shift
+
         dashed = f' stroke-dasharray="{dash}"' if dash else ""
         pts = sorted(pts, key=lambda p: p.x)
-        coords = " ".join(f"{px(p.x):.1f},{py(p.y):.1f}" for p in pts)
+        coords = " ".join(f"{sx(p.x):.1f},{py(p.y):.1f}" for p in pts)
         parts.append(f'<polyline class="series" data-series="{e(name)}" points="{coords}" fill="none" '
                      f'stroke="{colour}" stroke-width="2"{dashed}/>')
         for p in pts:
             if p.low is not None and p.high is not None:
-                x, y0, y1 = px(p.x), py(p.low), py(p.high)
+                x, y0, y1 = sx(p.x), py(p.low), py(p.high)
                 parts.append(f'<path class="error-bar" d="M{x - 3:.1f},{y0:.1f}h6M{x:.1f},{y0:.1f}V{y1:.1f}'
                              f'M{x - 3:.1f},{y1:.1f}h6" stroke="{colour}" stroke-width="1" fill="none"/>')
-            parts.append(f'<circle cx="{px(p.x):.1f}" cy="{py(p.y):.1f}" r="3.5" fill="{colour}">'
+            parts.append(f'<circle cx="{sx(p.x):.1f}" cy="{py(p.y):.1f}" r="3.5" fill="{colour}">'
                          f"<title>{e(p.label)}</title></circle>")
             if p.note:
-                parts.append(f'<text x="{px(p.x) + 5:.1f}" y="{py(p.y) - 5:.1f}" font-size="9" fill="{colour}">'
+                parts.append(f'<text x="{sx(p.x) + 5:.1f}" y="{py(p.y) - 5:.1f}" font-size="9" fill="{colour}">'
                              f"{e(p.note)}</text>")
         ly = top + 8 + 16 * i
         parts.append(f'<line x1="{left + plot_w + 10}" x2="{left + plot_w + 28}" y1="{ly}" y2="{ly}" '
