@@ -3,6 +3,8 @@ tiny models numerically (max |Δ| ≤ 1e-5, fp32), SD-1.5/2.1-shaped models key 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,7 +18,6 @@ from ldmkit.interop.vae import (  # noqa: E402
     diffusers_autoencoder_config,
 )
 from ldmkit.nn.autoencoder import AutoencoderKL  # noqa: E402
-from ldmkit.interop.unet import UNET_HAS_NORM_EPS  # noqa: E402
 from ldmkit.nn.unet import UNet, state_dict_from_diffusers  # noqa: E402
 
 TOL = 1e-5
@@ -180,9 +181,6 @@ def test_unet_tiny_matches_diffusers_and_inverts(sd2: bool) -> None:
     assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
 
 
-@pytest.mark.xfail(not UNET_HAS_NORM_EPS, strict=True, reason=(
-    "ldmkit's UNet has GroupNorm eps 1e-6 everywhere; SD's ResNet blocks and output norm use 1e-5 (diffusers' "
-    "norm_eps), which needs a UNetConfig.norm_eps field (nn/backbones/unet.py). Off by up to ~7e-5 here."))
 @pytest.mark.parametrize("sd2", [False, True])
 def test_unet_group_norm_eps_matches_sd(sd2: bool) -> None:
     """Small latents (std 0.01) make GroupNorm's eps visible: eps 1e-6 instead of SD's 1e-5 in the ResNets moves
@@ -194,9 +192,13 @@ def test_unet_group_norm_eps_matches_sd(sd2: bool) -> None:
     assert ref.config.norm_eps == 1e-5
     ours = UNet(unet_config_from_diffusers(ref.config)).eval()
     ours.load_state_dict(state_dict_from_diffusers(ref.state_dict()), strict=True)
+    assert ours.config.norm_eps == 1e-5 and diffusers_unet_config(ours.config)["norm_eps"] == 1e-5  # import and export
+    former = UNet(dataclasses.replace(ours.config, norm_eps=1e-6)).eval()  # what imports ran with before the field
+    former.load_state_dict(ours.state_dict())
     x, t, c = 0.01 * torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     with torch.no_grad():
-        assert (ref(x, t, c).sample - ours(x, t, c)).abs().max() <= TOL
+        expected = ref(x, t, c).sample
+        assert (expected - ours(x, t, c)).abs().max() <= TOL < (expected - former(x, t, c)).abs().max()
 
 
 @pytest.mark.parametrize("spec", [SD15_UNET, SD21_UNET], ids=["sd15", "sd21"])

@@ -123,11 +123,43 @@ def test_config_takes_hydra_lists_and_keyword_arguments():
         (lambda: UNetConfig(**{**TINY, "num_heads": 3}), "not divisible by num_heads=3"),
         (lambda: UNetConfig(**{**TINY, "head_dim": 16}), "exactly one of num_heads"),
         (lambda: UNetConfig(**{**TINY, "attention_levels": (2,)}), "outside 0..1"),
+        (lambda: UNetConfig(**{**TINY, "norm_eps": 0}), "norm_eps must be > 0"),
     ],
 )
 def test_config_errors_say_what_to_fix(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def _group_norm_eps(model: torch.nn.Module) -> dict[str, float]:
+    return {f"{name}.weight": m.eps for name, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_norm_eps_sets_the_resnet_and_output_norms_like_diffusers(eps):
+    """diffusers' `norm_eps` reaches the ResNet blocks' and the output GroupNorm, while the transformers' GroupNorm
+    stays 1e-6 (Transformer2DModel): each of our GroupNorms has the eps of the diffusers norm its weight maps from."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = UNetConfig(**{**TINY, "channel_mult": (1, 2), "attention_levels": (0,), "norm_eps": eps})
+    kwargs = diffusers_unet_kwargs(cfg)
+    assert kwargs["norm_eps"] == eps
+    with torch.device("meta"):
+        theirs, ours = _group_norm_eps(UNet2DConditionModel(**kwargs)), _group_norm_eps(UNet(cfg))
+    mapped = state_dict_from_diffusers({k: torch.tensor(v, dtype=torch.float64) for k, v in theirs.items()})
+    assert ours == {k: v.item() for k, v in mapped.items()}
+    assert {v for k, v in ours.items() if "attentions" in k} == {1e-6}
+    assert ours["norm_out.weight"] == ours["down_blocks.0.resnets.0.norm1.weight"] == eps
+
+
+def test_config_without_norm_eps_builds_the_former_unet():
+    """An artifact written before `norm_eps` existed has no such field: it builds with GroupNorm eps 1e-6 everywhere."""
+    from ldmkit.nn.backbones import backbone_spec, build_backbone
+
+    spec = backbone_spec(UNet(UNetConfig(**TINY)))
+    assert spec["config"].pop("norm_eps") == 1e-6
+    old = build_backbone(spec["arch"], spec["config"])
+    assert old.config == UNetConfig(**TINY) and set(_group_norm_eps(old).values()) == {1e-6}
 
 
 def _compile_check(backend: str, device: str, tol: float = 1e-4) -> None:

@@ -82,7 +82,7 @@ def _load(folder: Path) -> dict[str, Any]:
     return {**m, "vae": vae_cfg, "vae_state": ae_tensors, "scale": scale, "text_cfg": text_cfg, "text_state": text_state,
             # SD 1.x files hold 1x1-conv transformer projections, SD 2.x linear ones: an ldmkit-trained model with
             # an SD 1.x-style (QuickGELU) text encoder is written the SD 1.x way unless its import recorded otherwise
-            "linear_projection": bool(interop.get("use_linear_projection", not text_cfg.get("quick_gelu", False))), "norm_eps": float(interop.get("norm_eps", 1e-6)),
+            "linear_projection": bool(interop.get("use_linear_projection", not text_cfg.get("quick_gelu", False))),
             "upcast_attention": bool(interop.get("upcast_attention", False)),
             "resolution": int(m["config"].get("resolution", 512))}
 
@@ -97,7 +97,7 @@ def _export_diffusers(ldm: Path, out: Path, overwrite: bool) -> Path:
     m = _load(ldm)
     f = m["vae"].downsampling_factor
     vae_kwargs = diffusers_autoencoder_config(m["vae"], scaling_factor=m["scale"], sample_size=m["resolution"])
-    unet_kwargs = diffusers_unet_config(m["unet"], linear_projection=m["linear_projection"], norm_eps=m["norm_eps"],
+    unet_kwargs = diffusers_unet_config(m["unet"], linear_projection=m["linear_projection"],
                                         sample_size=m["resolution"] // f, upcast_attention=m["upcast_attention"])
     text_kwargs = hf_text_config(m["text_cfg"])
     pad_id = int((m["text_cfg"]["text_cfg"].get("tokenizer_kwargs") or {}).get("pad_id", 0))

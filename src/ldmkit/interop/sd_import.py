@@ -20,7 +20,7 @@ from ldmkit.interop.files import MAPPED, LazyTensors, atomic_output, write_artif
 from ldmkit.interop.scheduler import SD_SCHEDULER, process_from_scheduler
 from ldmkit.interop.text import clip_model_cfg_from_hf, complete_clip_state, text_state_from_hf
 from ldmkit.interop.tokenizer import pad_id_from_tokenizer_folder
-from ldmkit.interop.unet import SD_NORM_EPS, norm_eps_field, unet_config_from_diffusers
+from ldmkit.interop.unet import SD_NORM_EPS, unet_config_from_diffusers
 from ldmkit.interop.vae import SD_LATENT_SCALE, InteropError, autoencoder_config_from_diffusers, autoencoder_state_from_diffusers
 from ldmkit.nn.autoencoder import AutoencoderConfig
 from ldmkit.nn.unet import UNetConfig, state_dict_from_diffusers
@@ -193,7 +193,7 @@ def _unet_config_from_shapes(t: LazyTensors, keys: list[str], family: str) -> UN
         in_channels=int(t[p + "input_blocks.0.0.weight"].shape[1]), out_channels=int(t[p + "out.2.weight"].shape[0]),
         model_channels=ch, channel_mult=tuple(w // ch for w in widths), num_res_blocks=layers, attention_levels=tuple(attention),
         num_heads=8 if family == "sd1" else None, head_dim=None if family == "sd1" else 64, transformer_depth=depth,
-        context_dim=int(t[attn2].shape[1]), norm_groups=32, **norm_eps_field(SD_NORM_EPS))
+        context_dim=int(t[attn2].shape[1]), norm_groups=32, norm_eps=SD_NORM_EPS)
 
 
 def _unet_state_from_original(t: LazyTensors, cfg: UNetConfig) -> dict[str, torch.Tensor]:

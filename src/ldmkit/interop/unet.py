@@ -4,14 +4,13 @@ diffusers -> ldmkit keys is `ldmkit.nn.unet.state_dict_from_diffusers`; this mod
 translation and the inverse key mapping. diffusers' `attention_head_dim` is the head count (a
 historical misnomer): SD 1.x has 8 heads everywhere, SD 2.x 64-channel heads (5, 10, 20, 20).
 
-GroupNorm eps: SD's ResNet blocks and output norm use `norm_eps` 1e-5, its transformers' GroupNorm 1e-6;
-ldmkit's UNet uses 1e-6 everywhere. Imports carry SD's value as `UNetConfig.norm_eps` once that field exists
-(`UNET_HAS_NORM_EPS`); until then an imported UNet runs with 1e-6 (tests/interop: `test_unet_group_norm_eps_matches_sd`).
+GroupNorm eps: SD's ResNet blocks and output norm use `norm_eps` 1e-5, its transformers' GroupNorm 1e-6.
+`UNetConfig.norm_eps` (default 1e-6, ldmkit's own models) is read from `norm_eps` on import and written back on
+export; the transformers' GroupNorm is 1e-6 on both sides.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -22,12 +21,6 @@ from ldmkit.interop.vae import InteropError
 from ldmkit.nn.unet import UNetConfig, diffusers_unet_kwargs
 
 SD_NORM_EPS = 1e-5  # diffusers' UNet2DConditionModel default, SD 1.x/2.x's ResNet GroupNorm eps
-UNET_HAS_NORM_EPS = "norm_eps" in {f.name for f in dataclasses.fields(UNetConfig)}
-
-
-def norm_eps_field(eps: float) -> dict[str, float]:
-    """`{"norm_eps": eps}` for UNetConfig when it has the field, else {} (the UNet then runs with its 1e-6)."""
-    return {"norm_eps": float(eps)} if UNET_HAS_NORM_EPS else {}
 
 
 # diffusers options whose value must be the default (SD 1.x/2.x's) for the network to be ldmkit's UNet
@@ -83,20 +76,20 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
         head_dim=head_dim, transformer_depth=int(depth.pop()), context_dim=int(cfg["cross_attention_dim"]),
         time_embed_dim=cfg.get("time_embedding_dim"), norm_groups=int(cfg.get("norm_num_groups", 32)),
         scale_shift_norm=cfg.get("resnet_time_scale_shift", "default") == "scale_shift",
-        dropout=float(cfg.get("dropout", 0.0)), **norm_eps_field(cfg.get("norm_eps", SD_NORM_EPS)),
+        dropout=float(cfg.get("dropout", 0.0)), norm_eps=float(cfg.get("norm_eps", SD_NORM_EPS)),
     )
 
 
-def diffusers_unet_config(config: UNetConfig, *, linear_projection: bool = True, norm_eps: float = 1e-6,
-                          sample_size: int = 64, upcast_attention: bool = False) -> dict[str, Any]:
-    """`UNet2DConditionModel` kwargs of `UNet(config)`; SD 1.x's files use conv projections and eps 1e-5."""
+def diffusers_unet_config(config: UNetConfig, *, linear_projection: bool = True, sample_size: int = 64,
+                          upcast_attention: bool = False) -> dict[str, Any]:
+    """`UNet2DConditionModel` kwargs of `UNet(config)` (its `norm_eps` is `config.norm_eps`); SD 1.x's files use
+    conv projections."""
     if config.pooled_dim:
         raise InteropError("a UNet with pooled_dim (pooled text embedding) has no SD 1.x/2.x diffusers equivalent.")
     kwargs = diffusers_unet_kwargs(config)
-    norm_eps = float(getattr(config, "norm_eps", norm_eps))  # the UNet's own eps when its config holds one
     heads = [config.heads(w) for w in config.widths]
     kwargs.update(attention_head_dim=heads[0] if len(set(heads)) == 1 else list(heads), use_linear_projection=linear_projection,
-                  norm_eps=norm_eps, sample_size=sample_size, upcast_attention=upcast_attention,
+                  sample_size=sample_size, upcast_attention=upcast_attention,
                   class_embed_type=None, projection_class_embeddings_input_dim=None,
                   block_out_channels=list(kwargs["block_out_channels"]), down_block_types=list(kwargs["down_block_types"]),
                   up_block_types=list(kwargs["up_block_types"]))

@@ -46,18 +46,19 @@ class ResnetBlock(nn.Module):
         num_groups: int = 32,
         scale_shift_norm: bool = False,
         zero_init: bool = False,
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.scale_shift_norm = scale_shift_norm
-        self.norm1 = group_norm(in_channels, num_groups)
+        self.norm1 = group_norm(in_channels, num_groups, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         if emb_channels is not None:
             self.emb_proj = nn.Linear(emb_channels, out_channels * (2 if scale_shift_norm else 1))
         else:
             self.emb_proj = None
-        self.norm2 = group_norm(out_channels, num_groups)
+        self.norm2 = group_norm(out_channels, num_groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if zero_init:

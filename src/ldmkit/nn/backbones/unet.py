@@ -62,6 +62,9 @@ class UNetConfig:
     time_embed_dim: int | None = None  # default 4 * model_channels
     scale_shift_norm: bool = False  # FiLM/AdaGN timestep conditioning: norm(h) * (1 + scale) + shift
     norm_groups: int = 32
+    # GroupNorm eps of the ResNet blocks and the output norm (diffusers' `norm_eps`; SD 1.x/2.x: 1e-5). The
+    # transformers' GroupNorm keeps 1e-6, as in LDM and diffusers' Transformer2DModel.
+    norm_eps: float = 1e-6
     dropout: float = 0.0
     gradient_checkpointing: bool = False
 
@@ -69,6 +72,7 @@ class UNetConfig:
         # JSON and Hydra hand sequences back as lists / ListConfig: normalise so configs compare equal.
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_levels = tuple(sorted(int(level) for level in self.attention_levels))
+        self.norm_eps = float(self.norm_eps)
         self._validate()
 
     def _validate(self) -> None:
@@ -86,6 +90,8 @@ class UNetConfig:
                 f"UNetConfig needs exactly one of num_heads (got {self.num_heads}) and head_dim (got {self.head_dim}); "
                 "set the other to null"
             )
+        if not self.norm_eps > 0:
+            raise ValueError(f"UNetConfig.norm_eps must be > 0 (GroupNorm epsilon, e.g. 1e-6 or SD's 1e-5), got {self.norm_eps}")
         if self.model_channels % 2:
             raise ValueError(f"UNetConfig.model_channels must be even (sinusoidal embedding), got {self.model_channels}")
         for width in self.attention_widths():
@@ -165,7 +171,7 @@ class UNet(Backbone):
         def resnet(cin: int, cout: int) -> ResnetBlock:
             return ResnetBlock(
                 cin, cout, emb_channels=emb_dim, dropout=config.dropout, num_groups=config.norm_groups,
-                scale_shift_norm=config.scale_shift_norm, zero_init=True,
+                scale_shift_norm=config.scale_shift_norm, zero_init=True, eps=config.norm_eps,
             )
 
         def transformer(width: int) -> SpatialTransformer:
@@ -201,7 +207,7 @@ class UNet(Backbone):
                     attentions.append(transformer(ch))
             self.up_blocks.append(UNetLevel(resnets, attentions, Upsample(ch) if level != 0 else None))
 
-        self.norm_out = group_norm(ch, config.norm_groups)
+        self.norm_out = group_norm(ch, config.norm_groups, config.norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, config.out_channels, 3, padding=1))
 
     @classmethod
@@ -287,8 +293,8 @@ def state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[st
     """Map a diffusers `UNet2DConditionModel` state dict (e.g. SD1.5's `unet/`) onto `UNet`'s names.
 
     Q/K/V are concatenated into the fused projections and SD1's 1x1-conv `proj_in`/`proj_out`
-    kernels flattened to linear weights. ldmkit's GroupNorms use eps 1e-6 everywhere (SD's ResNet
-    blocks 1e-5), a difference far below bf16 resolution.
+    kernels flattened to linear weights. State dicts hold no eps: build the UNet with SD's GroupNorm
+    eps (`UNetConfig(norm_eps=1e-5)`, what `ldmkit.interop` reads from `unet/config.json`).
     """
     out = renamed_keys(state_dict, _DIFFUSERS_RENAMES)
     for key, value in out.items():
@@ -323,7 +329,7 @@ def diffusers_unet_kwargs(config: UNetConfig) -> dict[str, Any]:
         cross_attention_dim=config.context_dim,
         use_linear_projection=True,
         norm_num_groups=config.norm_groups,
-        norm_eps=1e-6,
+        norm_eps=config.norm_eps,
         resnet_time_scale_shift="scale_shift" if config.scale_shift_norm else "default",
         time_embedding_dim=config.emb_dim,
         dropout=config.dropout,
