@@ -12,6 +12,18 @@ from ldmkit.eval.errors import EvalConfigError
 from ldmkit.eval.metrics.base import Column, EvalContext, Metric, Row, SampledBatch, fmt
 
 
+def _refuse_placeholder_image_tower(clip_config: Mapping[str, Any], path: Path, what: str) -> None:
+    """A text-only CLIP artifact (imported from Stable Diffusion: `image_tower` records a placeholder of zeros)
+    embeds every image as 0, so its CLIP score would read 0.00 for any sample: refuse it before sampling."""
+    tower = clip_config.get("image_tower")
+    if isinstance(tower, str) and tower.startswith("placeholder"):
+        raise EvalConfigError(
+            f"CLIP score needs an image tower, but {what} '{path}' has none: its image tower is a {tower}, so every "
+            "score would read 0.00. Pass clip=PATH (a clip artifact with an image tower, or an open_clip checkpoint "
+            "file with clip_arch=<architecture>), or turn CLIP score off: metrics.clip_score=false."
+        )
+
+
 def resolve_clip(explicit: Any, arch: Any, ldm_config: dict[str, Any]) -> tuple[str, str | None, str]:
     """(path, open_clip arch or None, description) of the CLIP model that scores."""
     if explicit:
@@ -21,6 +33,7 @@ def resolve_clip(explicit: Any, arch: Any, ldm_config: dict[str, Any]) -> tuple[
                 clip_config = read_artifact_config(path, "clip")
             except ArtifactError as err:
                 raise EvalConfigError(f"clip='{explicit}': {err} Or turn CLIP score off: metrics.clip_score=false.") from err
+            _refuse_placeholder_image_tower(clip_config, path, "the clip artifact")
             name = clip_config.get("model_name") or "custom open_clip config"
             return str(path.resolve()), None, f"clip artifact {path.resolve()} ({name})"
         if not path.is_file():
@@ -38,6 +51,7 @@ def resolve_clip(explicit: Any, arch: Any, ldm_config: dict[str, Any]) -> tuple[
         except ArtifactError:
             clip_config = None
         if clip_config is not None:
+            _refuse_placeholder_image_tower(clip_config, text_encoder, "the LDM's own text encoder")
             name = clip_config.get("model_name") or "custom open_clip config"
             return str(text_encoder), None, f"clip artifact {text_encoder} ({name}; the LDM's own text encoder)"
     elif text_encoder.is_file() and options.get("model_name"):
