@@ -10,9 +10,7 @@ position (shape, position), size (shape, size). An extra or a missing object is 
 
 from __future__ import annotations
 
-import math
 import random
-from statistics import NormalDist
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -38,19 +36,6 @@ def verdict(target: Mapping[str, Any], found: Sequence[Mapping[str, Any]], check
         if _multiset(found, fields) == _multiset(crossed, fields):
             return SWAPPED
     return WRONG
-
-
-def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial rate (Wilson 1927; Brown, Cai & DasGupta 2001 recommend it
-    over the normal approximation for small n or rates near 0 / 1)."""
-    if trials <= 0:
-        return (float("nan"), float("nan"))
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def real_images_for(suite: Mapping[str, Any], targets: Sequence[Mapping[str, Any]], resolution: int,

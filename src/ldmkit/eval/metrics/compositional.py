@@ -117,16 +117,17 @@ class CompositionalSuite(Metric):
         return counts
 
     def merge(self, partials: Sequence[Counter]) -> dict[str, Any]:
-        from ldmkit.eval.compositional import CORRECT, SWAPPED, wilson_interval
+        from ldmkit.eval.compositional import CORRECT, SWAPPED
+        from ldmkit.eval.intervals import wilson_interval
 
         counts = sum(partials, Counter())
         out: dict[str, Any] = {}
         for category in self.categories:
             n = sum(v for (c, _), v in counts.items() if c == category)
             correct = counts[(category, CORRECT)]
-            low, high = wilson_interval(correct, n)
-            out |= {field(category): correct / n if n else None, field(category, "_lo"): low if n else None,
-                    field(category, "_hi"): high if n else None, field(category, "_n"): n}
+            low, high = wilson_interval(correct, n) if n else (None, None)
+            out |= {field(category): correct / n if n else None, field(category, "_lo"): low,
+                    field(category, "_hi"): high, field(category, "_n"): n}
         n = out.get(field("binding", "_n"))
         if n:
             out[field("binding", "_swapped")] = counts[("binding", SWAPPED)] / n
