@@ -126,6 +126,7 @@ def test_off_with_a_prompts_file_and_refused_when_required(tiny_artifacts, tmp_p
               "num_samples=2", "batch_size=2", *TINY[:3]]
     plan = plan_sampled_sets(compose_eval(common, tmp_path))
     assert [slot.name for slot in plan.metrics if slot.on] == ["clip_score"]  # auto: n/a without the data's suite
+    assert "Compositional suite: n/a (needs data=shapes" in plan.metrics[1].cls.off_note()
     with pytest.raises(EvalConfigError, match="needs data=shapes .* without prompts_file"):
         plan_sampled_sets(compose_eval([*common, "metrics.compositional.mode=required"], tmp_path))
 

@@ -68,7 +68,7 @@ class CompositionalSuite(Metric):
 
     @classmethod
     def off_note(cls) -> str | None:
-        return None  # off by default: nothing to say
+        return "Compositional suite: n/a (needs data=shapes without prompts_file, and square samples)."
 
     def check(self, context: EvalContext) -> bool:
         dm = context.datamodule
