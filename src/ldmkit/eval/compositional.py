@@ -1,6 +1,6 @@
 """Scoring the compositional prompt suite (`ldmkit.data.shapes.suite`): a verdict per sample from the object
-judge's reading (`ldmkit.eval.objects`), Wilson intervals for the per-category rates, and the judge's own
-accuracy on real rendered images, for and against every prompt.
+judge's reading (`ldmkit.eval.objects`), and the judge's own accuracy on real rendered images, for and against
+every prompt (the rates' Wilson intervals: `ldmkit.eval.intervals`).
 
 A sample is correct when the objects found, as a multiset of the fields its category checks, equal the
 prompt's: counting compares shapes (so "two red circles" needs exactly two circles), binding (colour,
