@@ -114,6 +114,23 @@ def test_eval_report_has_per_category_columns_grids_and_the_judges_accuracy(tiny
     assert len(objects["grids"]) == 2 + 2 * 4
     note = next(n for n in objects["notes"] if n.startswith("Compositional suite"))
     assert all(f"{c} " in note and "accepts" in note for c in ("counting", "binding", "position", "size"))
+    assert "encoded and decoded by the model's own autoencoder" in note and "not measured" not in note
+
+
+def test_the_autoencoder_ceiling_is_context_not_a_failure(tmp_path):
+    """Real images that follow the prompts, round-tripped through the model's autoencoder: an autoencoder that
+    cannot be loaded is said in the note, not raised."""
+    from ldmkit.data.shapes import ShapesDataModule
+    from ldmkit.eval.metrics.base import EvalContext
+    from ldmkit.eval.metrics.compositional import CompositionalSuite
+    from ldmkit.eval.objects import ObjectJudge
+
+    metric = CompositionalSuite(per_category=2)
+    metric.suite, metric.task = ShapesDataModule.compositional_suite(), ShapesDataModule.attribute_task()
+    metric.judge = ObjectJudge(None, metric.task["palette"], metric.task["anchors"])
+    context = EvalContext({"autoencoder": str(tmp_path / "gone")}, None, "test", None, 4, 32, 32, tmp_path, "")
+    ceiling = metric.autoencoder_ceiling(context)
+    assert ceiling.startswith("not measured") and "gone" in ceiling
 
 
 def test_off_with_a_prompts_file_and_refused_when_required(tiny_artifacts, tmp_path):

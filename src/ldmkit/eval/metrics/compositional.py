@@ -61,6 +61,7 @@ class CompositionalSuite(Metric):
         self.task: dict[str, Any] | None = None
         self.judge = None
         self.on_real: dict[str, dict[str, int]] = {}
+        self.ceiling: dict[str, tuple[int, int]] | str = "not measured"
 
     @classmethod
     def switched_on(cls, root: Mapping[str, Any]) -> CompositionalSuite:
@@ -107,6 +108,31 @@ class CompositionalSuite(Metric):
         # the judge's own accuracy, on real renders of this run's prompts (and of their counterparts)
         self.on_real = judge_accuracy_on_real(self.judge.read, self.suite, [t for _, t in self.items()],
                                               context.height, seed=self.seed + 7919)
+        self.ceiling = self.autoencoder_ceiling(context)
+
+    def autoencoder_ceiling(self, context: EvalContext) -> dict[str, tuple[int, int]] | str:
+        """Per category (accepted, followed) on the same real images after an encode-decode round trip through
+        the (first) model's autoencoder: roughly the most a model that draws through it can score (a small
+        star the autoencoder returns as a blob is not a star). A message instead when it cannot be loaded."""
+        import torch
+
+        from ldmkit.eval.compositional import judge_accuracy_on_real
+        from ldmkit.nn.autoencoder import load_autoencoder
+
+        path = context.ldm_config.get("autoencoder")
+        try:
+            autoencoder = load_autoencoder(path, device=context.device)[0]
+        except Exception as err:  # e.g. an imported model's VAE: the ceiling is context, not the metric
+            return f"not measured (the autoencoder {path!r} did not load: {type(err).__name__}: {err})"
+
+        @torch.no_grad()
+        def round_trip(images: torch.Tensor) -> torch.Tensor:
+            images = images.to(context.device)
+            return autoencoder.decode(autoencoder.encode(images).mode()).clamp(-1, 1)
+
+        counts = judge_accuracy_on_real(lambda images: self.judge.read(round_trip(images)), self.suite,
+                                        [t for _, t in self.items()], context.height, seed=self.seed + 7919)
+        return {c: (k["accepted"], k["followed"]) for c, k in counts.items()}
 
     def update(self, batch: SampledBatch) -> Counter:
         from ldmkit.eval.compositional import verdict
@@ -139,6 +165,8 @@ class CompositionalSuite(Metric):
         judge = "; ".join(
             f"{c} {100 * judge_accuracy(k):.1f}% (accepts {k['accepted']}/{k['followed']} that follow, rejects "
             f"{k['rejected']}/{k['violated']} that do not)" for c, k in self.on_real.items() if c in self.categories)
+        ceiling = self.ceiling if isinstance(self.ceiling, str) else ", ".join(
+            f"{c} {100 * a / n:.1f}%" for c, (a, n) in self.ceiling.items() if c in self.categories and n)
         grids = " ".join(f"{c} grid: " + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts)) + "."
                          for c, prompts in self.grid_prompt_texts().items())
         return (
@@ -149,7 +177,9 @@ class CompositionalSuite(Metric):
             "the objects found equal the prompt's in what its category checks (counting: shapes; binding: colour-"
             "shape pairs, a swap is wrong; position: shape and place; size: shape and size); an extra or missing "
             "object is wrong. Brackets: Wilson 95% intervals. The judge's own accuracy on real rendered images for "
-            f"and against these prompts: {judge}. {grids}"
+            f"and against these prompts: {judge}. The same images that follow the prompts, encoded and decoded by the "
+            f"model's own autoencoder (the first model's, in a run of several), are judged correct: {ceiling} (roughly the most a model drawing through it can "
+            f"score). {grids}"
         )
 
     def grid_prompt_texts(self) -> dict[str, list[str]]:
