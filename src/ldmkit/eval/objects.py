@@ -105,8 +105,8 @@ def paint_over(image: torch.Tensor, objects: Sequence[FoundObject], keep: int, s
     for obj in objects:
         anywhere |= obj.mask
     background = ~ndimage.binary_dilation(anywhere, _EIGHT, iterations=2)  # antialiased rims are not background
-    if not background.any():
-        return image
+    if not background.any():  # objects everywhere: nothing to paint with
+        return torch.from_numpy(pixels)
     weight = ndimage.gaussian_filter(background.astype(np.float64), sigma, mode="nearest")
     fill = np.stack([ndimage.gaussian_filter(c * background, sigma, mode="nearest") for c in pixels])
     fill = np.where(weight > 1e-3, fill / np.maximum(weight, 1e-12), pixels[:, background].mean(1)[:, None, None])
