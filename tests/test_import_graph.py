@@ -1,9 +1,11 @@
-"""No import circle in ldmkit, counting function-local imports too (they hid one: pipeline -> eval.runner ->
-eval.txt2img_cli -> eval.runner), and every module imports on its own in a fresh interpreter."""
+"""No import circle in ldmkit, counting function-local imports and `python -m` main blocks too (they hid
+circles: pipeline -> eval.runner -> eval.txt2img_cli -> eval.runner; data.export_shards <-> cli.export_shards),
+and every module imports on its own, with no other ldmkit module loaded."""
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,8 +120,58 @@ def test_evaluation_code_knows_no_dataset():
         assert not {m for m in graph[name] if m.startswith("ldmkit.data.")}, name
 
 
-@pytest.mark.slow  # one fresh interpreter (torch import) per module: minutes on a loaded machine
-@pytest.mark.parametrize("module", sorted(m for m in module_files() if not m.endswith(".__main__")))  # scripts run
-def test_module_imports_alone(module):
-    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+# Each module is imported in a process that has no ldmkit module loaded: one interpreter imports the heavy
+# third-party packages once (torch, Lightning, ...; a fresh interpreter per module spent ~20 minutes of CI on
+# importing torch ~140 times), then forks a child per module that imports only that module. An ldmkit import
+# that works only after another ldmkit module was imported first fails in its child as it would alone.
+_FORK_IMPORTS = r"""
+import importlib, os, sys, traceback
+for name in ("torch", "torchvision", "lightning", "hydra", "omegaconf", "numpy", "PIL.Image", "safetensors.torch"):
+    importlib.import_module(name)
+assert not [m for m in sys.modules if m == "ldmkit" or m.startswith("ldmkit.")]
+for module in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(module)
+        except BaseException:
+            sys.stdout.write(module + "\t" + traceback.format_exc().replace("\n", "\x1f") + "\n")
+            sys.stdout.flush()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    sys.stdout.write(module + "\t" + ("ok" if status == 0 else f"the child exited with status {status}") + "\n")
+    sys.stdout.flush()
+"""
+_MODULES = sorted(m for m in module_files() if not m.endswith(".__main__"))  # __main__ shims are scripts: they run
+
+
+@pytest.fixture(scope="module")
+def imported_alone() -> dict[str, str]:
+    """module -> "ok" or the traceback of importing it in a process with no other ldmkit module loaded."""
+    result = subprocess.run([sys.executable, "-c", _FORK_IMPORTS, *_MODULES], capture_output=True, text=True, timeout=900)
+    outcome: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        module, _, text = line.partition("\t")
+        outcome.setdefault(module, text.replace("\x1f", "\n"))  # a failing child's traceback comes first
     assert result.returncode == 0, result.stderr[-2000:]
+    return outcome
+
+
+@pytest.mark.parametrize("module", _MODULES)
+def test_module_imports_alone(module, imported_alone):
+    assert imported_alone.get(module) == "ok", imported_alone.get(module, "no result (the child died?)")[-2000:]
+
+
+def test_a_module_that_needs_another_imported_first_fails_alone(tmp_path):
+    """The forked check really starts each module without ldmkit loaded: a module that only works when another
+    ldmkit module was imported before it fails."""
+    (tmp_path / "needs_first.py").write_text("import sys\nassert 'ldmkit.images' in sys.modules, 'imported alone'\n")
+    (tmp_path / "loads_ldmkit.py").write_text("import ldmkit.images\n")
+    result = subprocess.run([sys.executable, "-c", _FORK_IMPORTS, "loads_ldmkit", "needs_first"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{SRC}"})
+    lines: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        lines.setdefault(*line.split("\t", 1))
+    assert lines["loads_ldmkit"] == "ok"
+    assert "imported alone" in lines["needs_first"].replace("\x1f", "\n")
