@@ -42,10 +42,26 @@ def test_touching_objects_of_one_colour_are_cut_apart():
     assert len(find(image, split_ratio=0.0)) == 1  # one 8-connected region...
     found = find(image)
     assert sorted(o.position for o in found) == ["left", "right"]  # ...cut at its profile valley
+    # touching objects of two colours are two objects, each with its own colour
+    mixed = {**pair, "objects": [pair["objects"][0], {**pair["objects"][1], "colour": "blue"}]}
+    found = find(render_attributes(mixed, 32, jitter=False)[0])
+    assert sorted((o.colour, o.position) for o in found) == [("blue", "right"), ("red", "left")]
     # one object is never cut, whatever its shape (a star's waist is its deepest valley: 0.67)
     for shape in ("star", "cross", "triangle", "diamond"):
         single = render_attributes({"shape": shape, "colour": "blue", "size": "large", "position": "centre"}, 32)
         assert len(find(single[0])) == 1, shape
+
+
+def test_an_object_whose_colour_drifts_stays_one_object():
+    """Generated samples blend neighbouring hues (blue into cyan at an edge): one object, its majority colour."""
+    image = render_attributes({"shape": "square", "colour": "blue", "size": "large", "position": "centre",
+                               "background": "gray", "background_style": "plain"}, 32, jitter=False)[0]
+    cyan = torch.tensor([25, 210, 220]).view(3, 1) / 127.5 - 1
+    rows = slice(18, 24)  # the square's lower rows (a third of it) turn cyan; the gray background stays
+    object_pixels = (image[:, rows].max(0).values - image[:, rows].min(0).values) > 0.6
+    image[:, rows] = torch.where(object_pixels, cyan.unsqueeze(-1), image[:, rows])
+    assert 40 < int(object_pixels.sum()) < 90
+    assert [(o.colour, o.position) for o in find(image)] == [("blue", "centre")]
 
 
 def test_paint_over_leaves_only_the_kept_object():
@@ -132,7 +148,7 @@ def test_metric_rows_carry_rates_intervals_and_counts():
     assert row["comp_binding"] == 0.5 and row["comp_binding_swapped"] == 0.25
     assert "comp_position" not in row and set(row) <= set(CompositionalSuite.row)
     cells = {c.header: c.cell(row) for c in CompositionalSuite.columns}
-    assert cells["counting acc ↑ [95% CI]"] == "75.0% [30, 95]" and cells["position acc ↑ [95% CI]"] == "n/a"
+    assert cells["counting acc ↑ [95% CI]"] == "75.0% [30.1–95.4]" and cells["position acc ↑ [95% CI]"] == "n/a"
 
 
 @pytest.mark.parametrize("options,message", [

@@ -2,13 +2,15 @@
 suite (`ldmkit.eval.compositional`).
 
 Objects are found by measurement, not learnt: the data draws saturated palette colours on near-neutral
-backgrounds, so an object pixel is one whose chroma (max - min of RGB) exceeds `chroma_threshold`; each
-such pixel takes the palette colour nearest in hue, and 8-connected regions of one colour, at least
-`min_area` of the image, are the objects; a region whose mass profile along x or y has a valley below
-`split_ratio` of the lower peak beside it is two objects that touch (two large triangles side by side meet
-at their base corners: profile ratio <= 0.21; crosses arm to arm <= 0.38; no single shape goes below 0.67)
-and is cut there. That gives the count, each object's colour, and its position
-(the chroma-weighted centroid's nearest anchor: left, right, top, bottom, centre). What each object *is*
+backgrounds, so an object pixel is one whose chroma (max - min of RGB) exceeds `chroma_threshold`, and its
+8-connected regions, at least `min_area` of the image, are the objects. A region whose mass profile along x
+or y has a valley below `split_ratio` of the lower peak beside it is two objects that touch (two large
+triangles side by side meet at their base corners: profile ratio <= 0.21; crosses arm to arm <= 0.38; no
+single shape goes below 0.67) and is cut there, whatever their colours. An object's colour is the palette
+colour nearest in hue to most of its pixels (chroma-weighted vote): a sample whose blue drifts to cyan at
+an edge stays one blue object, where splitting regions by colour would count it twice. That gives the
+count, each object's colour, and its position (the chroma-weighted centroid's nearest anchor: left, right,
+top, bottom, centre). What each object *is*
 (shape, size) is read by the single-object attribute classifier (`ldmkit.eval.attributes`) on the image
 with every other object painted over by the background around it, so the classifier sees the one-object
 scenes it was trained on.
@@ -81,18 +83,17 @@ def find_objects(image: torch.Tensor, palette: Mapping[str, Sequence[int]], anch
     nearest = np.abs(np.angle(np.exp(1j * (_hue(rgb)[..., None] - palette_hue)))).argmin(-1)  # (H, W)
     saturated = chroma > chroma_threshold
     ys, xs = np.mgrid[0:height, 0:width]
+    labels, count = ndimage.label(saturated, _EIGHT)
+    min_pixels = min_area * height * width
+    regions = [region for region in (labels == k for k in range(1, count + 1)) if region.sum() >= min_pixels]
     found = []
-    for index, colour in enumerate(names):
-        labels, count = ndimage.label(saturated & (nearest == index), _EIGHT)
-        regions = [labels == k for k in range(1, count + 1)]
-        min_pixels = min_area * height * width
-        for mask in (piece for region in regions if region.sum() >= min_pixels
-                     for piece in _split_touching(region, min_pixels, split_ratio)):
-            weight = chroma[mask]
-            x = float(((xs[mask] + 0.5) * weight).sum() / weight.sum() / width)
-            y = float(((ys[mask] + 0.5) * weight).sum() / weight.sum() / height)
-            position = min(anchors, key=lambda p: (anchors[p][0] - x) ** 2 + (anchors[p][1] - y) ** 2)
-            found.append(FoundObject(colour, position, x, y, float(mask.mean()), mask))
+    for mask in (piece for region in regions for piece in _split_touching(region, min_pixels, split_ratio)):
+        weight = chroma[mask]
+        colour = names[int(np.bincount(nearest[mask], weights=weight, minlength=len(names)).argmax())]
+        x = float(((xs[mask] + 0.5) * weight).sum() / weight.sum() / width)
+        y = float(((ys[mask] + 0.5) * weight).sum() / weight.sum() / height)
+        position = min(anchors, key=lambda p: (anchors[p][0] - x) ** 2 + (anchors[p][1] - y) ** 2)
+        found.append(FoundObject(colour, position, x, y, float(mask.mean()), mask))
     return sorted(found, key=lambda o: -o.area)
 
 

@@ -26,7 +26,7 @@ def category_column(category: str) -> Column:
         rate, low, high = (row.get(field(category, s)) for s in ("", "_lo", "_hi"))
         if missing(rate):
             return "n/a"
-        return f"{100 * rate:.1f}% [{100 * low:.0f}, {100 * high:.0f}]"
+        return f"{100 * rate:.1f}% [{100 * low:.1f}–{100 * high:.1f}]"  # as prompt accuracy's cells
 
     def interval(row: Row) -> tuple[float, float] | None:
         low, high = row.get(field(category, "_lo")), row.get(field(category, "_hi"))
