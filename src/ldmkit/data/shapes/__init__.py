@@ -6,7 +6,7 @@ any worker, batch or process, and the train/val/test splits use disjoint hash st
 
 Scenes hold one object (``1 - two_object_prob`` of them, 70% by default) or two objects at
 opposite positions (left/right or top/bottom; large triangles and crosses side by side can touch at
-their tips). ``same_pair_prob`` of the two-object scenes (25% by default) are two identical objects,
+their tips). ``same_pair_prob`` of the two-object scenes (0 by default, so the default data is unchanged; e.g. 0.25 to train counting) are two identical objects,
 captioned for counting ("two small red circles side by side"). Each sample carries its attributes so
 later stages can score prompt-following::
 

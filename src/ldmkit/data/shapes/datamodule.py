@@ -40,7 +40,7 @@ class ShapesDataset(Dataset):
         background_prob: float = 0.25,
         supersample: int | None = None,
         hflip: bool = False,
-        same_pair_prob: float = 0.25,
+        same_pair_prob: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -110,7 +110,7 @@ class ShapesDataModule(ImageTextDataModule):
         omit_prob: float = 0.15,
         background_prob: float = 0.25,
         supersample: int | None = None,
-        same_pair_prob: float = 0.25,
+        same_pair_prob: float = 0.0,
         **loader_options: Any,
     ) -> None:
         super().__init__(batch_size, num_workers, resolution, seed, **loader_options)
