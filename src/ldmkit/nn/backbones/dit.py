@@ -40,6 +40,7 @@ from ldmkit.nn.backbones.transformer_layers import (
     FeedForward,
     PatchEmbed,
     TransformerBackbone,
+    add_positions,
     init_patch_embed,
     layer_norm,
     modulate,
@@ -206,7 +207,7 @@ class DiT(TransformerBackbone):
         h, w = x.shape[-2] // p, x.shape[-1] // p
         temb = add_pooled(self.t_embedder(batch_time(t, x)), self.pooled_embedder, pooled)  # (B, C)
         positions = self.pos_embed if self.pos_embed.shape[0] == h * w and h == w else self._positions(h, w, x.device)
-        tokens = self.x_embedder(x) + positions  # (B, N, C)
+        tokens = add_positions(self.x_embedder(x), positions)  # (B, N, C)
         if self.context_embedder is not None:
             context = self.context_embedder(context)  # (B, L, C)
         mask = attention_mask(context_mask)  # (B, 1, 1, L)

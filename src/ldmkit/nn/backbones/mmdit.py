@@ -37,6 +37,7 @@ from ldmkit.nn.backbones.transformer_layers import (
     FeedForward,
     PatchEmbed,
     TransformerBackbone,
+    add_positions,
     init_patch_embed,
     layer_norm,
     modulate,
@@ -225,7 +226,7 @@ class MMDiT(TransformerBackbone):
                 "or the patch_size, or train at a smaller resolution"
             )
         c = F.silu(add_pooled(self.t_embedder(batch_time(t, x)), self.pooled_embedder, pooled))  # (B, C)
-        img = self.x_embedder(x) + self._positions(h, w)  # (B, N, C)
+        img = add_positions(self.x_embedder(x), self._positions(h, w))  # (B, N, C)
         txt = self.context_embedder(context)  # (B, L, C)
         mask = None
         if context_mask is not None:  # image tokens always visible; hidden text tokens hidden from every query
