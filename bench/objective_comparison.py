@@ -118,8 +118,10 @@ def summary_line(result: dict) -> str:
 
 
 def summarise(args) -> str:
-    rows = ["| arm | seeds | steps | train s (1 thread) | colour+shape g=3 | g=5 | per seed (g=3 / g=5) |",
-            "|---|---|---|---|---|---|---|"]
+    from ldmkit.eval.intervals import wilson_interval
+
+    rows = ["| arm | seeds | steps | train s (1 thread) | colour+shape g=3, mean ± sd of seeds [pooled Wilson 95%] | g=5 | "
+            "per seed (g=3 / g=5) |", "|---|---|---|---|---|---|---|"]
     for arm in args.arms:
         results = [json.loads(p.read_text()) for p in sorted(args.out.glob(f"{arm}_s*/result.json"))
                    if p.parent.name.rsplit("_s", 1)[0] == arm]
@@ -129,7 +131,10 @@ def summarise(args) -> str:
         for g in ("guidance_3", "guidance_5"):
             vals = [accuracy(r, g) for r in results]
             sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-            cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f}")
+            n = sum(r["heldout"]["num_images_per_setting"] for r in results)
+            hits = round(sum(v / 100 * r["heldout"]["num_images_per_setting"] for v, r in zip(vals, results)))
+            low, high = wilson_interval(hits, n)
+            cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f} [{100 * low:.1f}–{100 * high:.1f}]")
         per_seed = "; ".join(f"{accuracy(r, 'guidance_3'):.1f} / {accuracy(r, 'guidance_5'):.1f}" for r in results)
         times = [r["train_seconds"] for r in results if r["train_seconds"]]
         t = f"{statistics.mean(times):.0f}" if times else "n/a"
@@ -233,6 +238,42 @@ def nfe_curves(args) -> str:
     return "\n".join(rows)
 
 
+RESAMPLE = r"""
+import json, shutil, sys
+from pathlib import Path
+from ldmkit.eval.heldout import sample_heldout_grid
+run, sampler, steps, seeds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = run / "resample" / f"{sampler}_{steps}"
+shutil.copytree(run / "heldout" / "judge", out / "judge", dirs_exist_ok=True)
+r = sample_heldout_grid(run / "artifact", out, sampler=sampler, steps=steps, seeds_per_prompt=seeds)
+print(json.dumps(r["accuracy"]))
+"""
+
+
+def resample(args) -> str:
+    """Every seed's model of each arm judged again with another sampler / step count (both guidance scales)."""
+    sampler, steps = args.resample[0], int(args.resample[1])
+    rows = [f"| arm | {sampler} {steps} steps: colour+shape g=3 | g=5 | per seed |", "|---|---|---|---|"]
+    for arm in args.arms:
+        per_seed = []
+        for seed in args.seeds:
+            run = args.out / f"{arm}_s{seed}"
+            done = run / "resample" / f"{sampler}_{steps}.json"
+            if not done.exists():
+                proc = subprocess.run([sys.executable, "-c", RESAMPLE, str(run), sampler, str(steps),
+                                       str(args.seeds_per_prompt)], env=one_thread_env(), capture_output=True,
+                                      text=True, cwd=ROOT)
+                if proc.returncode:
+                    raise RuntimeError(f"{run} {sampler} {steps}: {proc.stderr[-2000:]}")
+                done.write_text(proc.stdout.strip().splitlines()[-1])
+            per_seed.append(json.loads(done.read_text()))
+        cells = [f"{statistics.mean(100 * r[g]['colour+shape'] for r in per_seed):.1f}" for g in ("guidance_3", "guidance_5")]
+        seeds = "; ".join(f"{100 * r['guidance_3']['colour+shape']:.1f} / {100 * r['guidance_5']['colour+shape']:.1f}"
+                          for r in per_seed)
+        rows.append(f"| {arm} | {cells[0]} | {cells[1]} | {seeds} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ae", type=Path, required=True)
@@ -247,10 +288,14 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true", help="only print the table of what is on disk")
     parser.add_argument("--fid", action="store_true", help="FID/KID of the finished runs' kept images")
     parser.add_argument("--nfe", action="store_true", help="accuracy against NFE for the first seed of each arm")
+    parser.add_argument("--resample", nargs=2, metavar=("SAMPLER", "STEPS"), help="judge every run again with this sampler")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.fid:
         fid(args)
+        return
+    if args.resample:
+        print(resample(args))
         return
     if args.nfe:
         print(nfe_curves(args))
