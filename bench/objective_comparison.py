@@ -188,24 +188,29 @@ def fid(args) -> None:
     subprocess.run([sys.executable, "-c", FID, str(args.out), *runs], env=one_thread_env(), check=True, cwd=ROOT)
 
 
-NFE = r"""
-import json, sys
+JUDGE_AGAIN = r"""
+import json, shutil, sys
 from pathlib import Path
 from ldmkit.eval.heldout import sample_heldout_grid
-run, sampler, steps, seeds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-out = run / "nfe" / f"{sampler}_{steps}"
-import shutil; shutil.copytree(run / "heldout" / "judge", out / "judge", dirs_exist_ok=True)
-r = sample_heldout_grid(run / "artifact", out, sampler=sampler, steps=steps, guidance_scales=(3.0,), seeds_per_prompt=seeds)
-print(json.dumps(r["accuracy"]["guidance_3"]))
+run, folder, sampler, steps, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+guidance_scales = tuple(float(g) for g in sys.argv[6].split(","))
+out = run / folder / f"{sampler}_{steps}"
+shutil.copytree(run / "heldout" / "judge", out / "judge", dirs_exist_ok=True)
+r = sample_heldout_grid(run / "artifact", out, sampler=sampler, steps=steps, guidance_scales=guidance_scales,
+                        seeds_per_prompt=seeds)
+print(json.dumps(r["accuracy"]))
 """
 NFE_GRID = {"euler": (4, 8, 16, 32), "dpmpp_2m": (4, 8, 16, 32)}
 
 
-def nfe_run(run: Path, sampler: str, steps: int, args) -> dict:
-    done = run / "nfe" / f"{sampler}_{steps}.json"
+def judged_again(run: Path, folder: str, sampler: str, steps: int, guidance_scales: tuple[float, ...], args) -> dict:
+    """A trained run's held-out accuracy with another sampler / step count ({"guidance_3": {...}, ...}), cached
+    in `run/folder/{sampler}_{steps}.json`."""
+    done = run / folder / f"{sampler}_{steps}.json"
     if not done.exists():
-        proc = subprocess.run([sys.executable, "-c", NFE, str(run), sampler, str(steps), str(args.seeds_per_prompt)],
-                              env=one_thread_env(), capture_output=True, text=True, cwd=ROOT)
+        cmd = [sys.executable, "-c", JUDGE_AGAIN, str(run), folder, sampler, str(steps), str(args.seeds_per_prompt),
+               ",".join(f"{g:g}" for g in guidance_scales)]
+        proc = subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             raise RuntimeError(f"{run} {sampler} {steps}: {proc.stderr[-2000:]}")
         done.write_text(proc.stdout.strip().splitlines()[-1])
@@ -217,20 +222,20 @@ def nfe_curves(args) -> str:
     runs = {arm: args.out / f"{arm}_s{args.seeds[0]}" for arm in args.arms}
     jobs = [(arm, s, n) for arm in args.arms for s, steps in NFE_GRID.items() for n in steps]
     with ThreadPoolExecutor(args.jobs) as pool:
-        acc = dict(zip(jobs, pool.map(lambda j: nfe_run(runs[j[0]], j[1], j[2], args), jobs)))
+        acc = dict(zip(jobs, pool.map(lambda j: judged_again(runs[j[0]], "nfe", j[1], j[2], (3.0,), args)["guidance_3"],
+                                      jobs)))
     from ldmkit.eval.intervals import wilson_interval
     from ldmkit.eval.plots import line_plot_svg
 
     rows = ["| arm | sampler | NFE 4 | 8 | 16 | 32 |", "|---|---|" + "---|" * 4]
     for sampler, steps in NFE_GRID.items():
-        nfes = [2 * n - 1 if sampler == "heun" else n for n in steps]  # model evaluations (each a batched CFG pair)
         series = {}
         for arm in args.arms:
             ys = [100 * acc[(arm, sampler, n)]["colour+shape"] for n in steps]
             n_images = 36 * args.seeds_per_prompt
             series[arm] = [(x, y, f"{arm} {sampler} NFE {x}: {y:.1f}%", None,
                             *(100 * v for v in wilson_interval(round(y / 100 * n_images), n_images)))
-                           for x, y in zip(nfes, ys)]
+                           for x, y in zip(steps, ys)]  # NFE = steps for both samplers
             rows.append(f"| {arm} | {sampler} | " + " | ".join(f"{y:.1f}" for y in ys) + " |")
         svg = line_plot_svg(series, title=f"{sampler}: colour+shape vs NFE (g = 3)", x_label="NFE",
                             y_label="colour+shape %", log_x=True)
@@ -238,35 +243,13 @@ def nfe_curves(args) -> str:
     return "\n".join(rows)
 
 
-RESAMPLE = r"""
-import json, shutil, sys
-from pathlib import Path
-from ldmkit.eval.heldout import sample_heldout_grid
-run, sampler, steps, seeds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-out = run / "resample" / f"{sampler}_{steps}"
-shutil.copytree(run / "heldout" / "judge", out / "judge", dirs_exist_ok=True)
-r = sample_heldout_grid(run / "artifact", out, sampler=sampler, steps=steps, seeds_per_prompt=seeds)
-print(json.dumps(r["accuracy"]))
-"""
-
-
 def resample(args) -> str:
     """Every seed's model of each arm judged again with another sampler / step count (both guidance scales)."""
     sampler, steps = args.resample[0], int(args.resample[1])
     rows = [f"| arm | {sampler} {steps} steps: colour+shape g=3 | g=5 | per seed |", "|---|---|---|---|"]
     for arm in args.arms:
-        per_seed = []
-        for seed in args.seeds:
-            run = args.out / f"{arm}_s{seed}"
-            done = run / "resample" / f"{sampler}_{steps}.json"
-            if not done.exists():
-                proc = subprocess.run([sys.executable, "-c", RESAMPLE, str(run), sampler, str(steps),
-                                       str(args.seeds_per_prompt)], env=one_thread_env(), capture_output=True,
-                                      text=True, cwd=ROOT)
-                if proc.returncode:
-                    raise RuntimeError(f"{run} {sampler} {steps}: {proc.stderr[-2000:]}")
-                done.write_text(proc.stdout.strip().splitlines()[-1])
-            per_seed.append(json.loads(done.read_text()))
+        per_seed = [judged_again(args.out / f"{arm}_s{seed}", "resample", sampler, steps, (3.0, 5.0), args)
+                    for seed in args.seeds]
         cells = [f"{statistics.mean(100 * r[g]['colour+shape'] for r in per_seed):.1f}" for g in ("guidance_3", "guidance_5")]
         seeds = "; ".join(f"{100 * r['guidance_3']['colour+shape']:.1f} / {100 * r['guidance_5']['colour+shape']:.1f}"
                           for r in per_seed)
