@@ -34,6 +34,7 @@ DIT = ["backbone=dit", "~backbone.channel_mult", "+backbone.patch_size=2"]
 # name -> (overrides, fraction of the quickstart's 1300 steps; <1 where a step costs more, for equal wall clock)
 ARMS: dict[str, tuple[list[str], float]] = {
     "vp_v": ([], 1.0),  # the quickstart recipe: scaled_linear, v-prediction, min-SNR-5
+    "vp_v_clip_skip2": (["model.clip_skip=2"], 1.0),  # the same, conditioned on the text tower's penultimate layer
     "vp_eps": (["model.loss.prediction=eps", "model.loss.weighting=uniform"], 1.0),
     "flow_uniform": ([*FLOW, "model.loss.timestep_sampling=uniform"], 1.0),
     "flow_logit_normal": ([*FLOW, "model.loss.timestep_sampling=logit_normal"], 1.0),

@@ -91,7 +91,7 @@ def test_gaussian_moments_on_sigma_spaced_flow_grids(name, spacing):
 
 def test_unsupported_grids_and_options_say_what_to_use_instead():
     process = RectifiedFlow()
-    with pytest.raises(ProcessError, match="no spacing 'leading'.*trailing, linspace, karras, exponential, beta"):
+    with pytest.raises(ProcessError, match="no spacing 'leading'.*trailing, linspace, flow_sigmas, karras, exponential, beta"):
         process.sampling_grid(10, "leading")
     with pytest.raises(ProcessError, match=r"sigma_min / sigma_max / rho apply to spacing karras.*spacing='trailing'"):
         process.sampling_grid(10, "trailing", sigma_min=0.01)
@@ -103,4 +103,59 @@ def test_unsupported_grids_and_options_say_what_to_use_instead():
         process.sampling_grid(10, "trailing", steps_offset=1)
     with pytest.raises(ProcessError, match="no spacing 'leading'"):  # through the public entry too
         sample(gaussian_flow_model(process), _white_noise(8), process, "euler", 4, prediction="flow", spacing="leading")
-    assert set(FLOW_SPACINGS) == {"trailing", "linspace", "karras", "exponential", "beta"}
+    assert set(FLOW_SPACINGS) == {"trailing", "linspace", "flow_sigmas", "karras", "exponential", "beta"}
+
+
+# diffusers' DPM-Solver++ on flow models (use_flow_sigmas=True): its grid is `spacing="flow_sigmas"`. (diffusers'
+# UniPCMultistepScheduler builds another grid under the same flag, linspace(1, 1/1000, N + 1)[:-1]: not compared.)
+@pytest.mark.parametrize("shift,steps", [(1.0, 4), (1.0, 10), (3.0, 8), (3.0, 20)])
+def test_dpmpp_2m_matches_diffusers_dpm_solver_with_flow_sigmas(shift, steps):
+    process = RectifiedFlow(shift=shift)
+    model = flow_model(process)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction", algorithm_type="dpmsolver++",
+        solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)
+    x, theirs = _noise(), []
+    for i, t in enumerate(scheduler.timesteps):
+        # diffusers hands the network int(1000 σ) (749 for σ = 0.7492); the solver's σ is what both must share
+        t_model = (scheduler.sigmas[i].to(torch.float64) * 1000).expand(x.shape[0])
+        x = scheduler.step(model(x, t_model), t, x).prev_sample.to(torch.float64)
+        theirs.append(x)
+    grid = _grid(process, steps, "flow_sigmas")
+    assert (grid - scheduler.sigmas.to(torch.float64)).abs().max() < 1e-6
+    assert grid[0] == pytest.approx(static_shift(1 - 1e-3, shift)) and grid[-1] == 0
+    ours, _ = _ours_trajectory(process, model, _noise(), "dpmpp_2m", steps, spacing="flow_sigmas")
+    errs = [_rel(a, b) for a, b in zip(ours, theirs)]
+    assert len(ours) == len(theirs) == steps and max(errs) <= TOL, errs
+
+
+def test_flow_sigmas_follow_the_dynamic_shift_as_diffusers():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    shape = (1, 4, 64, 8)
+    mu = calculate_shift((64 // 2) * (8 // 2), 256, 4096, 0.5, 1.15)
+    scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, use_dynamic_shifting=True,
+                                                      prediction_type="flow_prediction")
+    scheduler.set_timesteps(12, mu=mu)
+    grid = _grid(RectifiedFlow(dynamic_shift=True).for_shape(shape), 12, "flow_sigmas")
+    assert (grid - scheduler.sigmas.to(torch.float64)).abs().max() < 1e-6
+
+
+def test_the_euler_grid_makes_dpmpp_2m_extrapolate_its_last_step_and_flow_sigmas_does_not():
+    # the Euler grid's stop at t = 1/1000 makes the last real step long in λ: DPM-Solver++(2M)'s correction
+    # (h / 2h_prev)(x0 - x0_prev) then extrapolates 2.2x at 4 steps; on flow_sigmas the steps are even in t
+    def last_ratio(spacing):
+        grid = RectifiedFlow().sampling_grid(4, spacing)
+        h = [b.lam - a.lam for a, b in zip(grid, grid[1:])]
+        return h[-2] / (2 * h[-3])  # the last finite step's correction coefficient
+
+    assert last_ratio("trailing") > 2.0 and last_ratio("flow_sigmas") == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc", "euler"])
+def test_gaussian_moments_on_the_flow_sigmas_grid(name):
+    process = RectifiedFlow(shift=3.0)
+    errors = {steps: _moment_errors(sample(gaussian_flow_model(process), _white_noise(), process, name, steps,
+                                           prediction="flow", spacing="flow_sigmas")) for steps in (10, 200)}
+    assert errors[200][0] < 1e-3 and errors[200][1] < 0.015 and errors[200][1] <= errors[10][1] + 1e-3, (errors, MEAN, STD)

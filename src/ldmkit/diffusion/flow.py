@@ -19,6 +19,11 @@ Conventions, chosen to match diffusers' FlowMatchEulerDiscreteScheduler and the 
   between that grid's end points (or `sigma_min` / `sigma_max`, in t: σ = t on this path) instead, as diffusers'
   `use_karras_sigmas` / `use_exponential_sigmas` / `use_beta_sigmas` do: the shift then moves only the end
   points. `leading` (a discrete-timestep spacing) and `steps_offset` are VP-only.
+- `flow_sigmas`: the grid of diffusers' multistep solvers with `use_flow_sigmas=True` (DPMSolverMultistep,
+  UniPCMultistep): t_j = shift(j/N · (1 - 1/1000)) for j = N, ..., 1, then t = 0. It has no 1/1000 stop before
+  t = 0, which the Euler grid spends a whole step on: a multistep solver in λ then extrapolates its last real step
+  (0.33 -> 0.001 at 4 steps: h = 6.2 against h_prev = 1.4, a 2.2x extrapolation). Use it for dpmpp_2m / unipc on
+  flow models at few steps (BENCHMARKS.md, "Noise process and backbone on `shapes`").
 - Training times: `uniform`, `logit_normal` (SD3 §3.1, t = sigmoid(N(m, s²))) and SD3's `mode`
   (t = 1 - u - scale·(cos²(πu/2) - 1 + u)), as diffusers' `compute_density_for_timestep_sampling`, but continuous
   (diffusers rounds to its 1000 levels), clamped to [1e-5, 1] so the SNR stays finite.
@@ -40,7 +45,7 @@ from ldmkit.diffusion.processes import (
 
 T_MIN = 1e-5  # training times are clamped to [T_MIN, 1]
 T_SPACINGS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}  # between end points
-FLOW_SPACINGS = ("trailing", "linspace", *T_SPACINGS)
+FLOW_SPACINGS = ("trailing", "linspace", "flow_sigmas", *T_SPACINGS)
 
 
 def static_shift(t: Tensor | float, shift: float) -> Tensor | float:
@@ -176,7 +181,11 @@ class RectifiedFlow(NoiseProcess):
         t_end = 1.0 / self.num_train_timesteps
         if not self.dynamic_shift:
             t_end = float(self.apply_shift(torch.tensor(t_end, dtype=torch.float64)))  # diffusers' sigma_min
-        ts = self.apply_shift(torch.linspace(1.0, t_end, steps, dtype=torch.float64), image_seq_len)
+        if spacing == "flow_sigmas":  # diffusers' use_flow_sigmas: (j/N)(1 - 1/1000), j = N..1, shifted; then 0
+            unshifted = torch.arange(steps, 0, -1, dtype=torch.float64) / steps * (1.0 - 1.0 / self.num_train_timesteps)
+            ts = self.apply_shift(unshifted, image_seq_len)
+        else:
+            ts = self.apply_shift(torch.linspace(1.0, t_end, steps, dtype=torch.float64), image_seq_len)
         if spacing in T_SPACINGS:
             ts = self._spaced(spacing, steps, float(ts[-1]), float(ts[0]), sigma_min, sigma_max, rho)
         elif sigma_min is not None or sigma_max is not None or rho is not None:
