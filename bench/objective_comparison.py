@@ -193,15 +193,17 @@ JUDGE_AGAIN = r"""
 import json, shutil, sys
 from pathlib import Path
 from ldmkit.eval.heldout import sample_heldout_grid
-run, folder, sampler, steps, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+run, folder, name, steps, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 guidance_scales = tuple(float(g) for g in sys.argv[6].split(","))
-out = run / folder / f"{sampler}_{steps}"
+sampler, _, spacing = name.partition("@")  # "dpmpp_2m@flow_sigmas": that sampler on that grid
+out = run / folder / f"{name}_{steps}"
 shutil.copytree(run / "heldout" / "judge", out / "judge", dirs_exist_ok=True)
 r = sample_heldout_grid(run / "artifact", out, sampler=sampler, steps=steps, guidance_scales=guidance_scales,
-                        seeds_per_prompt=seeds)
+                        seeds_per_prompt=seeds, **({"spacing": spacing} if spacing else {}))
 print(json.dumps(r["accuracy"]))
 """
-NFE_GRID = {"euler": (4, 8, 16, 32), "dpmpp_2m": (4, 8, 16, 32)}
+# sampler[@spacing] -> step counts (NFE = steps for these); @flow_sigmas: diffusers' DPM-Solver grid on flow models
+NFE_GRID = {"euler": (4, 8, 16, 32), "dpmpp_2m": (4, 8, 16, 32), "dpmpp_2m@flow_sigmas": (4, 8, 16, 32)}
 
 
 def judged_again(run: Path, folder: str, sampler: str, steps: int, guidance_scales: tuple[float, ...], args) -> dict:
@@ -218,10 +220,15 @@ def judged_again(run: Path, folder: str, sampler: str, steps: int, guidance_scal
     return json.loads(done.read_text())
 
 
+def _runs_on(arm: str, sampler: str) -> bool:
+    """flow_sigmas is a grid of the flow process only: VP arms skip that series."""
+    return not sampler.endswith("@flow_sigmas") or "process=rectified_flow" in ARMS[arm][0]
+
+
 def nfe_curves(args) -> str:
     """Colour+shape accuracy (g = 3) against NFE for the first seed's model of each arm; a table and a plot."""
     runs = {arm: args.out / f"{arm}_s{args.seeds[0]}" for arm in args.arms}
-    jobs = [(arm, s, n) for arm in args.arms for s, steps in NFE_GRID.items() for n in steps]
+    jobs = [(arm, s, n) for arm in args.arms for s, steps in NFE_GRID.items() for n in steps if _runs_on(arm, s)]
     with ThreadPoolExecutor(args.jobs) as pool:
         acc = dict(zip(jobs, pool.map(lambda j: judged_again(runs[j[0]], "nfe", j[1], j[2], (3.0,), args)["guidance_3"],
                                       jobs)))
@@ -231,16 +238,17 @@ def nfe_curves(args) -> str:
     rows = ["| arm | sampler | NFE 4 | 8 | 16 | 32 |", "|---|---|" + "---|" * 4]
     for sampler, steps in NFE_GRID.items():
         series = {}
-        for arm in args.arms:
+        for arm in (a for a in args.arms if _runs_on(a, sampler)):
             ys = [100 * acc[(arm, sampler, n)]["colour+shape"] for n in steps]
             n_images = 36 * args.seeds_per_prompt
             series[arm] = [(x, y, f"{arm} {sampler} NFE {x}: {y:.1f}%", None,
                             *(100 * v for v in wilson_interval(round(y / 100 * n_images), n_images)))
                            for x, y in zip(steps, ys)]  # NFE = steps for both samplers
             rows.append(f"| {arm} | {sampler} | " + " | ".join(f"{y:.1f}" for y in ys) + " |")
-        svg = line_plot_svg(series, title=f"{sampler}: colour+shape vs NFE (g = 3)", x_label="NFE",
-                            y_label="colour+shape %", log_x=True)
-        (args.out / f"nfe_{sampler}.svg").write_text(svg)
+        if series:
+            svg = line_plot_svg(series, title=f"{sampler}: colour+shape vs NFE (g = 3)", x_label="NFE",
+                                y_label="colour+shape %", log_x=True)
+            (args.out / f"nfe_{sampler.replace('@', '_')}.svg").write_text(svg)
     return "\n".join(rows)
 
 

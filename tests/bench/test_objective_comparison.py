@@ -51,3 +51,22 @@ def test_every_arm_composes(arm):
     assert cfg.model.loss.prediction == ("flow" if "flow" in arm else "eps" if "eps" in arm else "v")
     assert cfg.process._target_.endswith("RectifiedFlow") == ("flow" in arm)
     assert cfg.process.get("shift", 1.0) == (3.0 if "shift3" in arm else 1.0)
+
+
+def test_nfe_curves_read_the_cache_and_skip_flow_grids_on_vp_arms(tmp_path):
+    # every point cached (as a finished run leaves it): no sampling here; a VP arm asked for the flow-only
+    # flow_sigmas grid would have no cache and fail, so the table must leave that series out for it
+    arms = ["vp_v", "flow_logit_normal"]
+    for arm in arms:
+        for sampler, steps in oc.NFE_GRID.items():
+            if oc._runs_on(arm, sampler):
+                for n in steps:
+                    cache = tmp_path / f"{arm}_s42" / "nfe" / f"{sampler}_{n}.json"
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    cache.write_text(json.dumps({"guidance_3": {"colour+shape": n / 64}}))
+    args = argparse.Namespace(out=tmp_path, arms=arms, seeds=[42], seeds_per_prompt=3, jobs=1)
+    rows = oc.nfe_curves(args).splitlines()[2:]
+    assert "| vp_v | dpmpp_2m@flow_sigmas |" not in "\n".join(rows)
+    assert "| flow_logit_normal | dpmpp_2m@flow_sigmas | 6.2 | 12.5 | 25.0 | 50.0 |" in rows
+    assert len(rows) == 2 * len(oc.NFE_GRID) - 1
+    assert (tmp_path / "nfe_dpmpp_2m_flow_sigmas.svg").read_text().count("flow_logit_normal") >= 1

@@ -48,6 +48,7 @@ def sample_heldout_grid(
     guidance_scales: Sequence[float] = (3.0, 5.0),
     seeds_per_prompt: int = 2,
     batch_size: int = 36,
+    **sampler_options,
 ) -> dict:
     out = Path(out)
     t2i = load_text_to_image(ldm_artifact)
@@ -66,7 +67,8 @@ def sample_heldout_grid(
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             images.append(t2i.generate([c[0] for c in chunk], [c[2] for c in chunk], sampler=sampler, steps=steps,
-                                       guidance_scale=guidance, height=resolution, width=resolution))
+                                       guidance_scale=guidance, height=resolution, width=resolution,
+                                       **sampler_options))
         images = torch.cat(images)
         results[f"guidance_{guidance:g}"] = colour_shape_accuracy(judge, images, [c[1] for c in items])
         if g_index == 0:
