@@ -71,3 +71,16 @@ def test_judge_command_trains_once_then_reuses(tmp_path, caplog):
         assert judge_main(["--cache-dir", str(tmp_path), "--resolution", "32", "--steps", "2"]) == 0
     assert weights.stat().st_mtime_ns == stamp
     assert f"reusing {weights}" in caplog.text
+
+
+def test_seed_reaches_the_three_trainings_and_the_ldm_reads_the_lanes_artifacts(tmp_path):
+    from ldmkit.cli.quickstart import quickstart_steps
+
+    autoencoder, clip, judge, ldm = quickstart_steps(tmp_path, "csv", 43, 1)
+    for step in (autoencoder, clip, ldm):
+        assert "seed=43" in step.args and "logger=csv" in step.args
+    assert not any(a.startswith("seed=") for a in judge.args)  # the judge is shared by replicates
+    assert f"model.autoencoder={tmp_path / 'autoencoder' / 'artifact'}" in ldm.args
+    assert f"model.text_encoder={tmp_path / 'clip' / 'artifact'}" in ldm.args
+    default = quickstart_steps(tmp_path, "csv", None, 1)
+    assert not any(a.startswith("seed=") for step in default for a in step.args)

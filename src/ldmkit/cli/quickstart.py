@@ -148,11 +148,26 @@ def run_lanes(lanes: Sequence[Sequence[Step]], out: Path, force: bool, *, stream
     return timings
 
 
+def quickstart_steps(out: Path, logger: str, seed: int | None, lane_threads: int | None) -> tuple[Step, Step, Step, Step]:
+    """The autoencoder, CLIP, judge and LDM steps; `seed` (None: the configs' 42) goes to the three trainings."""
+    seeded = [] if seed is None else [f"seed={seed}"]
+    autoencoder = train_step("autoencoder", ["experiment=quickstart_autoencoder", f"logger={logger}", *seeded], out,
+                             lane_threads)
+    clip = train_step("clip", ["experiment=quickstart_clip", f"logger={logger}", *seeded], out, lane_threads)
+    judge = Step("judge", ["-m", "ldmkit.cli.judge", "--cache-dir", str(out / "judge"), "--resolution",
+                           str(JUDGE_RESOLUTION)], None, thread_env(lane_threads))  # trains once, then reuses its file
+    ldm = train_step("ldm", ["experiment=quickstart_ldm", f"logger={logger}", *seeded,
+                             f"model.autoencoder={autoencoder.done.parent}", f"model.text_encoder={clip.done.parent}"], out)
+    return autoencoder, clip, judge, ldm
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "quickstart")
     parser.add_argument("--force", action="store_true", help="retrain stages whose artifact exists")
     parser.add_argument("--logger", default="csv", help="logger config for the three runs (csv, wandb, tensorboard, none)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the three trainings (default: the configs' 42); a replicate needs its own --out")
     parser.add_argument("--sequential", action="store_true", help="run the autoencoder and CLIP stages one after the other")
     parser.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                         help="when the output is not a terminal: print the lanes' progress lines this often")
@@ -166,18 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=importlib.import_module, args=("ldmkit.eval.heldout",), daemon=True).start()
 
     lane_threads = None if args.sequential else max(1, cpu_count() // 2)
-    autoencoder = train_step("autoencoder", ["experiment=quickstart_autoencoder", f"logger={args.logger}"], out, lane_threads)
-    clip = train_step("clip", ["experiment=quickstart_clip", f"logger={args.logger}"], out, lane_threads)
-    judge_dir = out / "judge"
-    judge = Step("judge", ["-m", "ldmkit.cli.judge", "--cache-dir", str(judge_dir), "--resolution", str(JUDGE_RESOLUTION)],
-                 None, thread_env(lane_threads))  # trains once, then reuses its file
+    autoencoder, clip, judge, ldm = quickstart_steps(out, args.logger, args.seed, lane_threads)
     lanes = [[autoencoder, clip, judge]] if args.sequential else [[autoencoder], [clip, judge]]
     try:
         timings = run_lanes(lanes, out, args.force, every=args.progress_every)
         timings["autoencoder+clip+judge"] = time.perf_counter() - start
-        ae_artifact, clip_artifact = autoencoder.done.parent, clip.done.parent
-        ldm = train_step("ldm", ["experiment=quickstart_ldm", f"logger={args.logger}", f"model.autoencoder={ae_artifact}",
-                                 f"model.text_encoder={clip_artifact}"], out)
         timings["ldm"] = run_step(ldm, args.force)
     except StageFailed as error:
         print(f"[quickstart] {error}\n[quickstart] finished stages are kept; rerun the same command to continue.", file=sys.stderr)
