@@ -52,8 +52,11 @@ def test_every_flow_sampler_reproduces_gaussian_moments_and_improves_with_steps(
         errors[steps] = _moment_errors(out)
     mean_err, std_err = errors[100]
     print(f"\nMOMENTS flow shift={shift} {name} {errors}")
+    # spacing "auto" gives dpmpp_2m / dpmpp_2m_sde / unipc diffusers' flow_sigmas grid, which starts at t = 1 - 1/1000
+    # (shifted): x_1 is read as x_0.999, a bias of ~1e-3 of the data's mean (0.0019-0.0020 at every step count)
+    start_bias = 1.0 - process.sampling_grid(steps, process.default_spacing(name))[0].t
     if name in DETERMINISTIC:
-        assert mean_err < 1e-3 and std_err < 0.025, errors
+        assert mean_err < 1e-3 + 2 * start_bias and std_err < 0.025, errors
         assert errors[10][1] >= errors[25][1] >= errors[100][1], errors
     else:  # plus Monte-Carlo error of 4096 samples
         assert mean_err < 0.06 and std_err < 0.05, errors
@@ -68,8 +71,8 @@ def test_solvers_follow_the_exact_ode_with_their_order(name, min_ratio):
     z = torch.randn(256, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     exact = MEAN + STD * z
 
-    def err(steps):
-        out = sample(gaussian_flow_model(process), z, process, name, steps, prediction="flow")
+    def err(steps):  # on the grid that starts at t = 1 (flow_sigmas starts at 0.9997: an error floor of its own)
+        out = sample(gaussian_flow_model(process), z, process, name, steps, prediction="flow", spacing="trailing")
         return (out - exact).square().mean().sqrt().item()
 
     errors = [err(steps) for steps in (20, 40, 80)]

@@ -160,6 +160,10 @@ class NoiseProcess:
         """The `steps + 1` noise levels a sampler visits, from the first model evaluation to clean data."""
         raise NotImplementedError
 
+    def default_spacing(self, sampler: str) -> str:
+        """What `spacing="auto"` (the sampler configs' default) means for `sampler` on this process."""
+        return "trailing"
+
     def require_variance_preserving(self, what: str, fix: str) -> None:
         if not self.variance_preserving:
             raise ProcessError(f"{what} is defined for variance-preserving processes (α² + σ² = 1), not for "

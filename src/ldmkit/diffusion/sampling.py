@@ -39,7 +39,7 @@ def sample(
     steps: int = 20,
     *,
     prediction: str = "eps",
-    spacing: str = "trailing",
+    spacing: str = "auto",
     generator: Generator = None,
     callback: Callback | None = None,
     **options: Any,
@@ -54,9 +54,11 @@ def sample(
     schedule:   the noise process (any `NoiseProcess`; the discrete VP schedules are `make_schedule(...)`).
     noise:      N(0, I); it is x_T for every sampler, so the same noise gives paired comparisons across samplers.
     sampler:    a key of `SAMPLERS`: ddpm, ddim, plms, dpmpp_2m, dpmpp_2m_sde, unipc, euler, euler_a, heun, lms.
-    spacing:    the grid: `trailing` (default for every sampler: starts at t = T-1, required for
-                zero-terminal-SNR schedules, Lin et al. 2023), `leading`, `linspace`, `karras`, `exponential`;
-                on rectified flow `trailing` (= `linspace`), `karras`, `exponential`, `beta` (its module docstring).
+    spacing:    the grid: `auto` (default: the process's `default_spacing(sampler)`: `trailing` on VP schedules;
+                on rectified flow `flow_sigmas` for dpmpp_2m / dpmpp_2m_sde / unipc, `trailing` for the others),
+                `trailing` (starts at t = T-1, required for zero-terminal-SNR schedules, Lin et al. 2023),
+                `leading`, `linspace`, `karras`, `exponential`; on rectified flow `trailing` (= `linspace`,
+                FlowMatchEuler's grid), `flow_sigmas`, `karras`, `exponential`, `beta` (its module docstring).
     generator:  torch.Generator (or one per sample) for the stochastic samplers' fresh noise.
     callback:   `callback(i, n, x, x0)` after step i of n with the new x and that step's x̂_0.
     options:    sampler options (`eta` for ddim / euler_a / dpmpp_2m_sde, `order` for lms / unipc,
@@ -68,6 +70,8 @@ def sample(
     check_prediction(prediction)
     options = {k: v for k, v in options.items() if v is not None}
     schedule = schedule.for_shape(tuple(noise.shape))  # e.g. rectified flow's resolution-dependent shift
+    if spacing == "auto":
+        spacing = schedule.default_spacing(sampler)
     grid_keys = schedule.grid_options
     first = sampling_grid(schedule, steps, spacing, **{k: v for k, v in options.items() if k in grid_keys})[0]
     if prediction == "eps" and first.alpha == 0 and not schedule.variance_preserving:
