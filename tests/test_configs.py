@@ -136,3 +136,18 @@ def test_ldm_model_options_instantiate(compose_cfg, tiny_artifacts, name):
 def test_experiment_options_compose(compose_cfg, name):
     cfg = compose_cfg([f"experiment={name}"])
     assert cfg.trainer.max_steps > 0
+
+
+def test_logger_none_builds_without_the_learning_rate_monitor(compose_cfg):
+    # Lightning raises at fit start for a LearningRateMonitor without a logger (`--logger none` in the quickstart)
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from ldmkit.pipeline import build
+
+    cfg = compose_cfg(["experiment=quickstart_clip", "logger=none", "trainer.accelerator=cpu"])
+    assert "lr_monitor" in cfg.callbacks
+    built = build(cfg)
+    assert built["loggers"] == [] and built["trainer"].logger is None
+    assert not any(isinstance(c, LearningRateMonitor) for c in built["callbacks"] + built["trainer"].callbacks)
+    with_csv = build(compose_cfg(["experiment=quickstart_clip", "logger=csv", "trainer.accelerator=cpu"]))
+    assert any(isinstance(c, LearningRateMonitor) for c in with_csv["callbacks"])

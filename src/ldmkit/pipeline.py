@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -114,6 +115,11 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     model: LightningModule = instantiate_node(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
+    if not loggers:  # `logger=none`: Lightning refuses a LearningRateMonitor without a logger; it has nothing to write to
+        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        if dropped:
+            log.info("No logger configured: the learning-rate monitor is left out (it only writes to loggers).")
     # + AtomicCheckpointIO (a kill never corrupts last.ckpt) and, in a SLURM job, SLURMEnvironment(auto_requeue)
     plugins = trainer_plugins(instantiate(cfg.trainer.get("plugins")))
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
