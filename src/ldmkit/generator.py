@@ -18,7 +18,7 @@ from torch import nn
 from ldmkit.artifacts import ArtifactError, load_artifact, read_artifact_config, read_ldm_artifact, weights_hash
 from ldmkit.diffusion import classifier_free_guidance, sample
 from ldmkit.diffusion.processes import NoiseProcess
-from ldmkit.nn.frozen import FrozenEncoders
+from ldmkit.nn.frozen import FrozenEncoders, select_text_context
 
 # keys of a sampler config (conf/sampler/*.yaml) that are not sampler options
 _SAMPLER_SETTINGS = ("name", "steps", "guidance_scale", "guidance_rescale")
@@ -67,9 +67,11 @@ class BackboneDenoiser:
 
     backbone: Callable[..., torch.Tensor]
     use_pooled: bool
+    text_context: str = "tokens"  # what the backbone attends to (ldmkit.nn.frozen.TEXT_CONTEXTS)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self.backbone(x_t, t, context=cond[0], pooled=cond[1] if self.use_pooled else None)
+        context = select_text_context(cond[0], cond[1], self.text_context)
+        return self.backbone(x_t, t, context=context, pooled=cond[1] if self.use_pooled else None)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class TextToImage:
     resolution: int = 32  # the image size it was trained at (the default for generate)
     model_hash: str = ""
     name: str = "ldm"
+    text_context: str = "tokens"  # what the backbone attends to: the artifact's text_encoder_options["context"]
 
     # ---- what callers read ------------------------------------------------------------------
     @property
@@ -135,7 +138,7 @@ class TextToImage:
         return self.frozen.decode(latents)
 
     def denoiser(self, *_: Any) -> BackboneDenoiser:
-        return BackboneDenoiser(self.backbone, self.backbone.pooled_dim is not None)
+        return BackboneDenoiser(self.backbone, self.backbone.pooled_dim is not None, self.text_context)
 
     # ---- sampling ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -209,4 +212,5 @@ def load_text_to_image(folder: str | os.PathLike, device: str | torch.device = "
         backbone=backbone, frozen=frozen, process=process, prediction=spec.process["prediction"],
         resolution=int(spec.config.get("resolution", 8 * latent["downsampling_factor"])),
         model_hash=weights_hash(folder), name=Path(folder).resolve().parent.name,
+        text_context=str(options.get("context", "tokens")),
     )

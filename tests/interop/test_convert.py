@@ -161,6 +161,11 @@ def test_export_refuses_transformer_backbones_and_existing_targets(sd_folders, t
     config_path.write_text(json.dumps(config))
     with pytest.raises(InteropError, match="dit backbone"):
         export_diffusers(paths["ldm"], tmp_path / "new")
+    config["backbone"]["arch"] = "unet"
+    config["text_encoder_options"]["context"] = "pooled"  # a UNet that attends to the pooled embedding: not SD's
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InteropError, match="text_context='pooled'.*Only text_context=tokens models export"):
+        export_diffusers(paths["ldm"], tmp_path / "new")
     assert not (tmp_path / "new").exists() and list(target.iterdir()) == []
 
 

@@ -151,3 +151,37 @@ def test_vp_schedule_with_flow_prediction_fails_with_the_reason(compose_cfg, tin
     cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), "process=rectified_flow", "model.loss.prediction=flow"])
     with pytest.raises(Exception, match="ddim sampler is defined for variance-preserving.*euler"):
         instantiate_node(cfg.model)
+
+
+@pytest.mark.parametrize("mode", ["pooled", "tokens+pooled"])
+def test_text_context_trains_exports_and_generates_the_same(compose_cfg, tiny_artifacts, mode):
+    # the backbone attends to the pooled embedding (as its one token, or after the token states); the artifact
+    # records it, so the reloaded generator conditions the same way
+    import json
+    from pathlib import Path
+
+    cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), f"model.text_context={mode}",
+                       "trainer.max_steps=2", "trainer.val_check_interval=2"])
+    metrics, objects = train(cfg)
+    module = objects["model"]
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    seen = {}
+    handle = module.backbone.register_forward_pre_hook(lambda m, a, kw: seen.update(context=kw["context"]), with_kwargs=True)
+    x = torch.randn(2, module.latent_channels, module.latent.height, module.latent.width)
+    tokens, pooled = module.encode_text(["a red circle", "a blue square"])
+    module.net(x, torch.tensor([10.0, 500.0]), (tokens, pooled))
+    handle.remove()
+    expected = pooled[:, None] if mode == "pooled" else torch.cat([tokens, pooled[:, None]], dim=1)
+    assert torch.equal(seen["context"], expected)
+    folder = Path(cfg.paths.output_dir) / "artifact"
+    assert json.loads((folder / "config.json").read_text())["text_encoder_options"]["context"] == mode
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    before = module.text_to_image().generate(prompts, seeds, sampler="ddim", steps=3, guidance_scale=3.0)
+    after = load_text_to_image(folder).generate(prompts, seeds, sampler="ddim", steps=3, guidance_scale=3.0)
+    assert torch.equal(before, after)
+
+
+def test_unknown_text_context_is_refused_with_the_choices(compose_cfg, tiny_artifacts):
+    cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), "model.text_context=eos"])
+    with pytest.raises(ValueError, match="text_context='eos' is not one of tokens, pooled, tokens\\+pooled"):
+        instantiate_node(cfg.model)

@@ -76,7 +76,12 @@ def _load(folder: Path) -> dict[str, Any]:
     vae_cfg, ae_tensors, scale, te_config, te_tensors = _encoders(m["config"], folder)
     if vae_cfg.latent_channels != m["unet"].in_channels:
         raise InteropError(f"the autoencoder has {vae_cfg.latent_channels} latent channels but the UNet takes {m['unet'].in_channels}.")
-    clip_skip = int(m["config"].get("text_encoder_options", {}).get("clip_skip", 1))
+    options = m["config"].get("text_encoder_options", {})
+    if options.get("context", "tokens") != "tokens":
+        raise InteropError(f"'{folder}' was trained with text_context={options['context']!r} (the backbone attends to the "
+                           "pooled text embedding); Stable Diffusion's UNet attends to the text encoder's token states only, "
+                           "so diffusers/A1111 would condition it differently. Only text_context=tokens models export.")
+    clip_skip = int(options.get("clip_skip", 1))
     text_cfg, text_state = _text(te_config, te_tensors, clip_skip)
     interop = m["config"].get("interop", {})
     return {**m, "vae": vae_cfg, "vae_state": ae_tensors, "scale": scale, "text_cfg": text_cfg, "text_state": text_state,

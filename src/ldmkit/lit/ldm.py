@@ -27,17 +27,18 @@ from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
 from ldmkit.lit.optim import WarmupCosine, param_groups, warmup_cosine_schedule
 from ldmkit.nn.backbones import BackboneFactMismatch, backbone_spec, check_latent_size
-from ldmkit.nn.frozen import FrozenEncoders, load_frozen_encoders
+from ldmkit.nn.frozen import FrozenEncoders, load_frozen_encoders, text_context_dim
 
 FROZEN_PREFIXES = ("autoencoder.", "text_encoder.")
 ENCODERS_KEY = "ldmkit_frozen_encoders"  # checkpoint entry: weights hashes of the frozen encoders
 
 
 def build_backbone_for(backbone: nn.Module | Callable[..., nn.Module], frozen: FrozenEncoders, use_pooled: bool,
-                       autoencoder: str, text_encoder: str) -> nn.Module:
+                       autoencoder: str, text_encoder: str, text_context: str = "tokens") -> nn.Module:
     """The backbone from its `_partial_` factory and the artifacts' facts (or a built one, checked against them)."""
+    context_dim = text_context_dim(text_context, frozen.context_dim, frozen.pooled_dim)
     facts = {"in_channels": frozen.latent_channels, "out_channels": frozen.latent_channels,
-             "context_dim": frozen.context_dim, "pooled_dim": frozen.pooled_dim if use_pooled else None}
+             "context_dim": context_dim, "pooled_dim": frozen.pooled_dim if use_pooled else None}
     sources = {"context_dim": f"the text encoder '{text_encoder}'", "pooled_dim": f"the text encoder '{text_encoder}'",
                "in_channels": f"the autoencoder '{autoencoder}'", "out_channels": f"the autoencoder '{autoencoder}'"}
     fix = "Remove the override (it is filled in from the artifacts) or train matching stages."
@@ -86,6 +87,7 @@ class LatentDiffusionModule(LightningModule):
         clip_skip: int = 1,
         text_encoder_arch: str | None = None,
         use_pooled: bool = True,
+        text_context: str = "tokens",
         lr_warmup_steps: int = 0,
         lr_decay: bool = False,
         cond_drop_prob: float = 0.1,
@@ -104,7 +106,9 @@ class LatentDiffusionModule(LightningModule):
         init: str | None = None,
     ) -> None:
         """`split_weight_decay`: the optimizer's weight decay skips biases, norms and embeddings
-        (`lit.optim.param_groups`); the default is one group of all backbone parameters, as before."""
+        (`lit.optim.param_groups`); the default is one group of all backbone parameters, as before.
+        `text_context`: what the backbone cross-attends to, `tokens` (the text encoder's per-token states, as
+        Stable Diffusion), `pooled` (its pooled embedding as the one context token) or `tokens+pooled`."""
         super().__init__()
         # plain values only: checkpoints must load with weights_only=True
         self.save_hyperparameters(ignore=["backbone", "loss", "optimizer"])
@@ -119,7 +123,7 @@ class LatentDiffusionModule(LightningModule):
 
         if init is not None:  # fine-tune an existing ldm artifact: its backbone replaces the `backbone` config
             backbone = backbone_from_init(init, loss)
-        self.backbone = build_backbone_for(backbone, self.frozen, use_pooled, autoencoder, text_encoder)
+        self.backbone = build_backbone_for(backbone, self.frozen, use_pooled, autoencoder, text_encoder, text_context)
         check_latent_size(self.backbone, self.latent.height, self.latent.width)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -131,7 +135,7 @@ class LatentDiffusionModule(LightningModule):
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(val_timestep_buckets))
         self.val_bucket_x0_mse = nn.ModuleList(MeanMetric() for _ in range(val_timestep_buckets))
         self._forward_net = torch.compile(self.backbone) if compile else self.backbone
-        self._denoiser = BackboneDenoiser(self._forward_net, self.backbone.pooled_dim is not None)
+        self._denoiser = BackboneDenoiser(self._forward_net, self.backbone.pooled_dim is not None, text_context)
         self._uncond: tuple[torch.Tensor, torch.Tensor] | None = None
         self._batch_size = 0
 
@@ -258,7 +262,7 @@ class LatentDiffusionModule(LightningModule):
     def text_to_image(self, use_ema: bool = True) -> TextToImage:
         return TextToImage(
             backbone=self.ema.shadow if use_ema else self.backbone, frozen=self.frozen, process=self.process,
-            prediction=self.objective.prediction, resolution=self._resolution(),
+            prediction=self.objective.prediction, resolution=self._resolution(), text_context=self.hparams.text_context,
         )
 
     def sample_validation_grid(self) -> torch.Tensor:
@@ -295,7 +299,8 @@ class LatentDiffusionModule(LightningModule):
         tensors, config = ldm_artifact(
             backbone_spec(backbone), backbone.state_dict(), process_config, process_tensors, self.objective.prediction,
             autoencoder=self.hparams.autoencoder, text_encoder=self.hparams.text_encoder,
-            text_encoder_options={"clip_skip": self.hparams.clip_skip, "model_name": self.hparams.text_encoder_arch},
+            text_encoder_options={"clip_skip": self.hparams.clip_skip, "model_name": self.hparams.text_encoder_arch,
+                                  "context": self.hparams.text_context},
             latent={"channels": self.latent_channels, "downsampling_factor": self.downsampling_factor,
                     "scale_factor": self.scale_factor, "shift_factor": self.shift_factor},
             encoders=self.frozen.hashes(),

@@ -48,6 +48,34 @@ def encoder_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:10]
 
 
+# What the backbone cross-attends to (`model.text_context`): the text encoder's per-token states (Stable Diffusion),
+# its pooled embedding as the one context token, or both (the pooled one appended as a last token).
+TEXT_CONTEXTS = ("tokens", "pooled", "tokens+pooled")
+
+
+def check_text_context(mode: str, context_dim: int, pooled_dim: int) -> None:
+    if mode not in TEXT_CONTEXTS:
+        raise ValueError(f"text_context='{mode}' is not one of {', '.join(TEXT_CONTEXTS)}.")
+    if mode == "tokens+pooled" and context_dim != pooled_dim:
+        raise ValueError(f"text_context='tokens+pooled' appends the pooled embedding ({pooled_dim} wide) to the token "
+                         f"states ({context_dim} wide): this text encoder's widths differ. Use text_context=tokens or "
+                         "pooled, or a text encoder whose projection keeps its width.")
+
+
+def text_context_dim(mode: str, context_dim: int, pooled_dim: int) -> int:
+    """The width of the context the backbone attends to under `mode`."""
+    check_text_context(mode, context_dim, pooled_dim)
+    return pooled_dim if mode == "pooled" else context_dim
+
+
+def select_text_context(tokens: torch.Tensor, pooled: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, L, D) token states and (B, P) pooled embedding -> the (B, L', D') context of `mode`."""
+    if mode == "tokens":
+        return tokens
+    as_token = pooled[:, None, :].to(tokens.dtype)
+    return as_token if mode == "pooled" else torch.cat([tokens, as_token], dim=1)
+
+
 class FrozenEncoders:
     """Autoencoder + text encoder (eval mode, no grad) and the latent normalisation.
     Not an nn.Module: the LDM registers the two networks itself, so its state-dict keys stay
