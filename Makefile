@@ -10,6 +10,7 @@ TOOLS := .venv-tools
 VENV := .venv
 PY := $(VENV)/bin/python
 QS := outputs/quickstart
+QS_ARGS ?=  # e.g. make quickstart QS=outputs/qs43 QS_ARGS="--seed 43" (a replicate)
 
 .PHONY: quickstart test test-heavy env browser clean-quickstart
 
@@ -49,7 +50,7 @@ test-heavy: env
 	$(PY) -m pytest -q -m heavy
 
 quickstart: env
-	$(PY) -m ldmkit.cli.quickstart --out $(QS)
+	$(PY) -m ldmkit.cli.quickstart --out $(QS) $(QS_ARGS)
 
 clean-quickstart:
 	rm -rf $(QS)
