@@ -43,7 +43,7 @@ ARMS: dict[str, tuple[list[str], float]] = {
     "dit_vp_v": (DIT, 0.85),  # a DiT-tiny/2 step costs ~1.17x the UNet's (494 vs 403-442 ms, 1 thread)
     "dit_flow_logit_normal": ([*DIT, *FLOW, "model.loss.timestep_sampling=logit_normal"], 0.85),
 }
-QUICKSTART_STEPS = 1300  # the comparison's budget: the quickstart's LDM steps when it ran (1700 since, with clip_skip 2)
+QUICKSTART_STEPS = 1300  # the comparison's budget: the quickstart's LDM steps when it ran (1450 since, with clip_skip 2)
 # the quickstart recipe as the comparison ran it; the arms' overrides come after these
 BASE_OVERRIDES = ["model.clip_skip=1"]
 
