@@ -116,10 +116,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     if not loggers:  # `logger=none`: Lightning refuses a LearningRateMonitor without a logger; it has nothing to write to
-        dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-        if dropped:
+        kept = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        if len(kept) < len(callbacks):
             log.info("No logger configured: the learning-rate monitor is left out (it only writes to loggers).")
+        callbacks = kept
     # + AtomicCheckpointIO (a kill never corrupts last.ckpt) and, in a SLURM job, SLURMEnvironment(auto_requeue)
     plugins = trainer_plugins(instantiate(cfg.trainer.get("plugins")))
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)

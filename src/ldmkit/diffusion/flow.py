@@ -182,14 +182,14 @@ class RectifiedFlow(NoiseProcess):
                                "diffusers' flow-matching grid).")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}.")
-        t_end = 1.0 / self.num_train_timesteps
-        if not self.dynamic_shift:
-            t_end = float(self.apply_shift(torch.tensor(t_end, dtype=torch.float64)))  # diffusers' sigma_min
         if spacing == "flow_sigmas":  # diffusers' use_flow_sigmas: (j/N)(1 - 1/1000), j = N..1, shifted; then 0
             unshifted = torch.arange(steps, 0, -1, dtype=torch.float64) / steps * (1.0 - 1.0 / self.num_train_timesteps)
-            ts = self.apply_shift(unshifted, image_seq_len)
         else:
-            ts = self.apply_shift(torch.linspace(1.0, t_end, steps, dtype=torch.float64), image_seq_len)
+            t_end = 1.0 / self.num_train_timesteps
+            if not self.dynamic_shift:
+                t_end = float(self.apply_shift(torch.tensor(t_end, dtype=torch.float64)))  # diffusers' sigma_min
+            unshifted = torch.linspace(1.0, t_end, steps, dtype=torch.float64)
+        ts = self.apply_shift(unshifted, image_seq_len)
         if spacing in T_SPACINGS:
             ts = self._spaced(spacing, steps, float(ts[-1]), float(ts[0]), sigma_min, sigma_max, rho)
         elif sigma_min is not None or sigma_max is not None or rho is not None:

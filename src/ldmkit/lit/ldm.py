@@ -27,7 +27,7 @@ from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
 from ldmkit.lit.optim import WarmupCosine, param_groups, warmup_cosine_schedule
 from ldmkit.nn.backbones import BackboneFactMismatch, backbone_spec, check_latent_size
-from ldmkit.nn.frozen import FrozenEncoders, load_frozen_encoders, text_context_dim
+from ldmkit.nn.frozen import FrozenEncoders, check_text_context, load_frozen_encoders, text_context_dim
 
 FROZEN_PREFIXES = ("autoencoder.", "text_encoder.")
 ENCODERS_KEY = "ldmkit_frozen_encoders"  # checkpoint entry: weights hashes of the frozen encoders
@@ -113,6 +113,7 @@ class LatentDiffusionModule(LightningModule):
         # plain values only: checkpoints must load with weights_only=True
         self.save_hyperparameters(ignore=["backbone", "loss", "optimizer"])
         check_sampler_supports(str((sampler or {}).get("name", "dpmpp_2m")), loss.process)  # before any validation
+        check_text_context(text_context)  # its name, before the encoders load (their widths are checked after)
         # fails fast and cheaply on a missing or wrong artifact before loading anything
         self.frozen = load_frozen_encoders(autoencoder, text_encoder, clip_skip=clip_skip, text_encoder_arch=text_encoder_arch)
         self.autoencoder, self.text_encoder = self.frozen.autoencoder, self.frozen.text_encoder

@@ -53,10 +53,11 @@ def encoder_hash(path: str | os.PathLike) -> str:
 TEXT_CONTEXTS = ("tokens", "pooled", "tokens+pooled")
 
 
-def check_text_context(mode: str, context_dim: int, pooled_dim: int) -> None:
+def check_text_context(mode: str, context_dim: int | None = None, pooled_dim: int | None = None) -> None:
+    """A known mode (checkable before any weights load); with the text encoder's widths, one they allow."""
     if mode not in TEXT_CONTEXTS:
         raise ValueError(f"text_context='{mode}' is not one of {', '.join(TEXT_CONTEXTS)}.")
-    if mode == "tokens+pooled" and context_dim != pooled_dim:
+    if mode == "tokens+pooled" and context_dim is not None and context_dim != pooled_dim:
         raise ValueError(f"text_context='tokens+pooled' appends the pooled embedding ({pooled_dim} wide) to the token "
                          f"states ({context_dim} wide): this text encoder's widths differ. Use text_context=tokens or "
                          "pooled, or a text encoder whose projection keeps its width.")
