@@ -155,6 +155,13 @@ def interleave(
     return results
 
 
+def paired_ratio(peer: Samples, ours: Samples) -> float:
+    """Median over the rounds of `interleave` of peer seconds / our seconds in the same round: a drift of the
+    machine's speed during the run (another process, the VM's neighbours) moves both calls of a round alike and
+    cancels, where a ratio of the two medians keeps what drift did not hit both halves of the run equally."""
+    return statistics.median(p / o for p, o in zip(peer.wall, ours.wall, strict=True))
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -136,7 +136,7 @@ def same_model_report(impls: Sequence[Impl], batch: dict, rel_tolerance: float =
 
 def time_pair(impls: Sequence[Impl], batch: dict, dtype: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved timed training steps of the pair (`interleave`), then per impl: ms/step, its spread,
-    CPU ms, samples/s, FLOPs per sample, TFLOP/s and the fraction of the measured matmul peak."""
+    CPU ms, samples/s, FLOPs per sample, TFLOP/s, the fraction of the measured matmul peak and the raw `samples`."""
     device = batch["x"].device
     samples = common.interleave({impl.name: (lambda impl=impl: train_step(impl, batch, dtype)) for impl in impls},
                          repeats=args.steps, warmup=args.warmup, sync=lambda: sync(device))
@@ -146,5 +146,5 @@ def time_pair(impls: Sequence[Impl], batch: dict, dtype: str, args: argparse.Nam
         s, flops = samples[impl.name], step_flops(impl, batch, dtype)
         rows.append({"dtype": dtype, "impl": impl.name, "ms": 1e3 * s.median, "spread": s.spread(),
                      "cpu_ms": 1e3 * s.median_cpu, "samples_s": args.batch / s.median, "gflop": flops / args.batch / 1e9,
-                     "tflops": flops / s.median / 1e12, "mfu": flops / s.median / peak})
+                     "tflops": flops / s.median / 1e12, "mfu": flops / s.median / peak, "samples": s})
     return rows

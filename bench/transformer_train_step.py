@@ -85,9 +85,11 @@ def bench_arch(arch: str, args: argparse.Namespace, memory: dict[str, float]) ->
     pair.same_model_report(impls, batch)
     rows = []
     for dtype in args.dtypes:
-        for r in pair.time_pair(impls, batch, dtype, args):
+        timed = pair.time_pair(impls, batch, dtype, args)
+        paired = common.paired_ratio(timed[1]["samples"], timed[0]["samples"])  # diffusers' seconds / ours, per round
+        for r in timed:
             rows.append([arch, dtype, r["impl"], r["ms"], r["spread"], r["cpu_ms"], r["samples_s"], r["gflop"],
-                         r["tflops"], f"{r['mfu']:.1%}", memory.get(f"{arch}/{dtype}/{r['impl']}", float("nan"))])
+                         r["tflops"], f"{r['mfu']:.1%}", memory.get(f"{arch}/{dtype}/{r['impl']}", float("nan")), paired])
     return rows
 
 
@@ -109,13 +111,13 @@ def main(argv: list[str] | None = None) -> None:
         memory_rows_in_process(args, rows)
     print()
     common.print_table(["arch", "dtype", "impl", "ms/step", "spread", "CPU ms", "samples/s", "GFLOP/sample",
-                        "TFLOP/s", "of matmul peak", "peak MiB"], rows)
+                        "TFLOP/s", "of matmul peak", "peak MiB"], [row[:11] for row in rows])
     print("ratios ldmkit / diffusers (speed: > 1 is faster; memory: < 1 is smaller)")
     for arch in args.arch:
         for dtype in args.dtypes:
             ours, theirs = (r for r in rows if r[0] == arch and r[1] == dtype)
             print(f"{arch:5} {dtype:4}  samples/s {common.ratio(ours[6], theirs[6]):.3f}"
-                  f"  (by CPU time {common.ratio(theirs[5], ours[5]):.3f})"
+                  f"  (paired by round {ours[11]:.3f}, by CPU time {common.ratio(theirs[5], ours[5]):.3f})"
                   f"  peak memory {common.ratio(ours[10], theirs[10]):.3f}")
     print(f"at end: {common.load_average()}")
 

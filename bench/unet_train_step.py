@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in args.dtypes:
         a, b = (r for r in rows if r["dtype"] == dtype)
         print(f"{dtype:5} samples/s {common.ratio(a['samples_s'], b['samples_s']):.3f}"
-              f" (by CPU time {common.ratio(b['cpu_ms'], a['cpu_ms']):.3f})"
+              f" (paired by round {common.paired_ratio(b['samples'], a['samples']):.3f},"
+              f" by CPU time {common.ratio(b['cpu_ms'], a['cpu_ms']):.3f})"
               f"   peak memory {common.ratio(a['mem'], b['mem']):.3f}   saved for backward {common.ratio(a['saved'], b['saved']):.3f}")
     print(f"at end: {common.load_average()}")
 

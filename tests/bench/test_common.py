@@ -27,6 +27,16 @@ def test_interleave_alternates_order_skips_warmup_and_takes_returned_samples():
     assert results["b"].median == 1.5 and results["b"].spread().startswith("±")
 
 
+def test_paired_ratio_cancels_a_drift_that_the_ratio_of_medians_keeps():
+    # the machine slows down 2x halfway; "ours" is 10% faster than the peer in every round
+    peer = common.Samples(wall=[1.1, 1.1, 1.1, 2.2, 2.2])
+    ours = common.Samples(wall=[1.0, 1.0, 2.0, 2.0, 2.0])  # the slowdown reached ours one round earlier
+    assert common.paired_ratio(peer, ours) == pytest.approx(1.1)
+    assert common.ratio(peer.median, ours.median) == pytest.approx(0.55)  # what the medians alone say
+    with pytest.raises(ValueError):
+        common.paired_ratio(peer, common.Samples(wall=[1.0]))
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_memory_in_a_child_sees_a_transient_allocation(tmp_path):
     script = tmp_path / "child.py"

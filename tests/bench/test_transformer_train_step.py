@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def test_runs_tiny_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "parameters: ldmkit 3,958,084  diffusers 3,958,084" in out  # DiT tiny vs PixArt
     assert "parameters: ldmkit 3,513,604  diffusers 3,513,604" in out  # MMDiT tiny vs SD3
-    assert out.count("max |ldmkit - diffusers| = 0.00e+00") == 2
+    deltas = [float(m) for m in re.findall(r"max \|ldmkit - diffusers\| = (\S+)", out)]
+    assert len(deltas) == 2 and max(deltas) <= 1e-5  # fp32; not 0: adaLN's fused multiply-adds round once
     for arch in ("dit", "mmdit"):
         for dtype in ("fp32", "bf16"):
             assert f"{arch:5} {dtype:4}  samples/s" in out

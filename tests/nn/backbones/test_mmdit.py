@@ -72,18 +72,27 @@ def test_matches_diffusers_sd3_with_converted_weights(patch_size, qk_norm):
             assert delta <= 1e-5 and expected.abs().max() > 0.1
 
 
-def test_bf16_autocast_matches_diffusers_sd3_bit_for_bit():
+def test_bf16_autocast_keeps_the_image_stream_in_bf16_and_matches_diffusers_sd3():
     """Under bf16 autocast the image stream stays in the patch embedding's dtype after the (float32) positions
     are added, as in diffusers; promoted to float32 it saved float32 activations for backward (+7% step memory
-    at `small`) and the outputs differed by up to 1.6e-2 from diffusers' at this size."""
+    at `small`) and the outputs differed by up to 1.6e-2 from diffusers' at this size. What remains is rounding:
+    the gated residuals are one fused multiply-add (`addcmul`, rounded once) where diffusers rounds the product
+    and the sum to bf16 separately, so the outputs may differ by about one bf16 step (measured: 2^-7)."""
     cfg = MMDiTConfig(**TINY)
     reference, model = sd3_pair(cfg)
     x, t, context, pooled = inputs(cfg)
+    stream_dtypes = []
+    hooks = [block.register_forward_hook(lambda m, args, out: stream_dtypes.append(out[0].dtype)) for block in model.blocks]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference(x, context, pooled, t).sample
         out = model(x, t, context, pooled)
+    for hook in hooks:
+        hook.remove()
+    assert stream_dtypes == [torch.bfloat16] * cfg.depth
     assert out.dtype == expected.dtype == torch.bfloat16 and expected.abs().max() > 0.1
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    delta = (out.float() - expected.float()).abs().max().item()
+    print(f"bf16 autocast: max |ldmkit - diffusers| = {delta:.2e}, |output| <= {expected.abs().max().item():.2f}")
+    assert delta <= 2**-7
 
 
 def test_all_true_mask_is_no_mask():

@@ -41,6 +41,7 @@ from ldmkit.nn.backbones.transformer_layers import (
     PatchEmbed,
     TransformerBackbone,
     add_positions,
+    gated_residual,
     init_patch_embed,
     layer_norm,
     modulate,
@@ -136,10 +137,10 @@ class DiTBlock(nn.Module):
         else:
             params = self.modulation(cond).unflatten(1, (6, -1))  # (B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = params.chunk(6, dim=1)  # each (B, 1, C)
-        x = x + gate_msa * self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+        x = gated_residual(x, gate_msa, self.attn(modulate(layer_norm(x), shift_msa, scale_msa)))
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, mask)
-        return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
 
 
 class DiT(TransformerBackbone):

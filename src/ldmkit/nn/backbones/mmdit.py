@@ -38,6 +38,7 @@ from ldmkit.nn.backbones.transformer_layers import (
     PatchEmbed,
     TransformerBackbone,
     add_positions,
+    gated_residual,
     init_patch_embed,
     layer_norm,
     modulate,
@@ -137,8 +138,8 @@ class StreamLayers(nn.Module):
 
     def post_attention(self, x: torch.Tensor, attn: torch.Tensor, post: tuple[torch.Tensor, ...]) -> torch.Tensor:
         gate_msa, shift_mlp, scale_mlp, gate_mlp = post
-        x = x + gate_msa * self.out(attn)
-        return x + gate_mlp * self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        x = gated_residual(x, gate_msa, self.out(attn))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp)))
 
 
 class MMDiTBlock(nn.Module):

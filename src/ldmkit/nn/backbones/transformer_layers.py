@@ -109,8 +109,14 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: `x * (1 + scale) + shift` (DiT eq. in sec. 3.2), shift/scale (B, 1, C) or (B, C) broadcast."""
-    return x * (1 + scale) + shift
+    """adaLN: `x * (1 + scale) + shift` (DiT eq. in sec. 3.2), shift/scale (B, 1, C) or (B, C) broadcast.
+    One fused kernel (`addcmul`): one (B, N, C) buffer instead of two, forward and backward."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`x + gate * y` (adaLN's gated residual) in one fused kernel, as `modulate`; gate (B, 1, C) broadcast."""
+    return torch.addcmul(x, gate, y)
 
 
 def xavier_init_linears(module: nn.Module) -> None:
