@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ldmkit.data.shapes import COLOURS, SHAPES, ShapesDataset
-from ldmkit.eval.heldout import HELDOUT_TEMPLATE, colour_shape_accuracy, heldout_prompts
+from ldmkit.eval.heldout import HELDOUT_TEMPLATE, accuracy_by_shape, colour_shape_accuracy, heldout_prompts
 
 
 def test_heldout_prompts_cover_every_pair_with_an_unseen_phrasing():
@@ -37,3 +37,12 @@ def test_colour_shape_accuracy_counts_joint_hits():
     acc = colour_shape_accuracy(FixedJudge(), images, targets)
     # colour right for the two red ones; shape right for 0, 2, 3; both right only for 0
     assert acc == {"colour": 0.5, "shape": 0.75, "colour+shape": 0.25}
+
+
+def test_accuracy_by_shape_splits_the_joint_hits_by_the_asked_for_shape():
+    targets = [{"objects": [{"colour": c, "shape": s}]} for c, s in [("red", "circle"), ("red", "star"), ("red", "star"), ("green", "circle")]]
+    images = torch.zeros(4, 3, 4, 4)
+    images[:, 0, 0, 0] = torch.tensor([SHAPES.index("circle"), SHAPES.index("star"), SHAPES.index("circle"), SHAPES.index("circle")])
+    # circle: image 0 right, image 3 wrong colour; star: image 1 right, image 2 drawn as a circle
+    assert accuracy_by_shape(FixedJudge(), images, targets) == {"circle": 0.5, "star": 0.5}
+

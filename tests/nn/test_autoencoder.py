@@ -15,6 +15,7 @@ from ldmkit.nn.autoencoder import (
     DiagonalGaussianDistribution,
     load_autoencoder,
     measure_latent_stats,
+    round_trip,
 )
 from ldmkit.nn.blocks import Downsample, ResnetBlock, SpatialSelfAttention, Upsample
 from ldmkit.nn.discriminator import NLayerDiscriminator, adaptive_gan_weight, generator_loss, hinge_d_loss
@@ -282,3 +283,30 @@ def test_nn_modules_stay_pure_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
+
+class _Posterior:
+    def __init__(self, z):
+        self.z = z
+
+    def mode(self):
+        return self.z
+
+
+class HalvingAutoencoder(torch.nn.Module):
+    """encode halves the image, decode quadruples it: round trips are 2x, clamped to [-1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the device round_trip reads
+
+    def encode(self, x):
+        return _Posterior(x / 2)
+
+    def decode(self, z):
+        return 4 * z
+
+
+def test_round_trip_decodes_the_posterior_mode_in_batches_and_clamp():
+    images = torch.linspace(-1, 1, 7 * 3 * 2 * 2).reshape(7, 3, 2, 2)
+    out = round_trip(HalvingAutoencoder(), images, batch_size=3)
+    torch.testing.assert_close(out, (2 * images).clamp(-1, 1))

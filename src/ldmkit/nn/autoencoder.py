@@ -250,6 +250,17 @@ class AutoencoderKL(nn.Module):
         return self.decode(z), posterior
 
 
+@torch.no_grad()
+def round_trip(autoencoder: nn.Module, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """decode(encode(x).mode()) clamped to [-1, 1], in batches on the autoencoder's device: what the autoencoder
+    keeps of each image, so roughly the most a model that draws through it can show (a small star it returns as
+    a blob is not a star)."""
+    device = next(autoencoder.parameters()).device
+    out = [autoencoder.decode(autoencoder.encode(images[i : i + batch_size].to(device)).mode()).clamp(-1, 1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
 def autoencoder_state_errors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Differences between a model's state dict and loaded tensors (missing, unexpected, shape)."""
     expected = model.state_dict()

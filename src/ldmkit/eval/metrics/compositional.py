@@ -114,10 +114,8 @@ class CompositionalSuite(Metric):
         """Per category (accepted, followed) on the same real images after an encode-decode round trip through
         the (first) model's autoencoder: roughly the most a model that draws through it can score (a small
         star the autoencoder returns as a blob is not a star). A message instead when it cannot be loaded."""
-        import torch
-
         from ldmkit.eval.compositional import judge_accuracy_on_real
-        from ldmkit.nn.autoencoder import load_autoencoder
+        from ldmkit.nn.autoencoder import load_autoencoder, round_trip
 
         path = context.ldm_config.get("autoencoder")
         try:
@@ -125,12 +123,7 @@ class CompositionalSuite(Metric):
         except Exception as err:  # e.g. an imported model's VAE: the ceiling is context, not the metric
             return f"not measured (the autoencoder {path!r} did not load: {type(err).__name__}: {err})"
 
-        @torch.no_grad()
-        def round_trip(images: torch.Tensor) -> torch.Tensor:
-            images = images.to(context.device)
-            return autoencoder.decode(autoencoder.encode(images).mode()).clamp(-1, 1)
-
-        counts = judge_accuracy_on_real(lambda images: self.judge.read(round_trip(images)), self.suite,
+        counts = judge_accuracy_on_real(lambda images: self.judge.read(round_trip(autoencoder, images)), self.suite,
                                         [t for _, t in self.items()], context.height, seed=self.seed + 7919)
         return {c: (k["accepted"], k["followed"]) for c, k in counts.items()}
 
