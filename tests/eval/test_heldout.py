@@ -45,4 +45,3 @@ def test_accuracy_by_shape_splits_the_joint_hits_by_the_asked_for_shape():
     images[:, 0, 0, 0] = torch.tensor([SHAPES.index("circle"), SHAPES.index("star"), SHAPES.index("circle"), SHAPES.index("circle")])
     # circle: image 0 right, image 3 wrong colour; star: image 1 right, image 2 drawn as a circle
     assert accuracy_by_shape(FixedJudge(), images, targets) == {"circle": 0.5, "star": 0.5}
-
