@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ldmkit.config import project_root
+from ldmkit.cpus import available_cpus
 from ldmkit.progress import PROGRESS_FILE, LaneDisplay, StepStatus
 
 ROOT = project_root()  # the checkout (where train.py is), or the current folder for an installed wheel
@@ -56,13 +57,6 @@ class Step:
 
 class StageFailed(RuntimeError):
     pass
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def thread_env(threads: int | None) -> dict[str, str]:
@@ -151,8 +145,11 @@ def run_lanes(lanes: Sequence[Sequence[Step]], out: Path, force: bool, *, stream
 def quickstart_steps(out: Path, logger: str, seed: int | None, lane_threads: int | None) -> tuple[Step, Step, Step, Step]:
     """The autoencoder, CLIP, judge and LDM steps; `seed` (None: the configs' 42) goes to the three trainings."""
     seeded = [] if seed is None else [f"seed={seed}"]
-    autoencoder = train_step("autoencoder", ["experiment=quickstart_autoencoder", f"logger={logger}", *seeded], out,
-                             lane_threads)
+    # the CLIP lane ends before the autoencoder's: from the step where it does (the experiment's
+    # callbacks.thread_schedule.from_step) the autoencoder takes the whole machine
+    later = [] if lane_threads is None else [f"callbacks.thread_schedule.threads={available_cpus()}"]
+    autoencoder = train_step("autoencoder", ["experiment=quickstart_autoencoder", f"logger={logger}", *seeded, *later],
+                             out, lane_threads)
     clip = train_step("clip", ["experiment=quickstart_clip", f"logger={logger}", *seeded], out, lane_threads)
     judge = Step("judge", ["-m", "ldmkit.cli.judge", "--cache-dir", str(out / "judge"), "--resolution",
                            str(JUDGE_RESOLUTION)], None, thread_env(lane_threads))  # trains once, then reuses its file
@@ -180,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     # train rather than after them.
     threading.Thread(target=importlib.import_module, args=("ldmkit.eval.heldout",), daemon=True).start()
 
-    lane_threads = None if args.sequential else max(1, cpu_count() // 2)
+    lane_threads = None if args.sequential else max(1, available_cpus() // 2)
     autoencoder, clip, judge, ldm = quickstart_steps(out, args.logger, args.seed, lane_threads)
     lanes = [[autoencoder, clip, judge]] if args.sequential else [[autoencoder], [clip, judge]]
     try:
