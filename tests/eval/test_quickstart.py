@@ -84,3 +84,15 @@ def test_seed_reaches_the_three_trainings_and_the_ldm_reads_the_lanes_artifacts(
     assert f"model.text_encoder={tmp_path / 'clip' / 'artifact'}" in ldm.args
     default = quickstart_steps(tmp_path, "csv", None, 1)
     assert not any(a.startswith("seed=") for step in default for a in step.args)
+
+
+def test_autoencoder_lane_takes_the_whole_machine_only_when_lanes_run_side_by_side(tmp_path, monkeypatch):
+    from ldmkit.cli import quickstart
+
+    monkeypatch.setattr(quickstart, "available_cpus", lambda: 6)
+    autoencoder, clip, judge, ldm = quickstart.quickstart_steps(tmp_path, "csv", None, 3)
+    assert autoencoder.env["OMP_NUM_THREADS"] == "3"  # its half until callbacks.thread_schedule.from_step
+    assert "callbacks.thread_schedule.threads=6" in autoencoder.args
+    assert not any("thread_schedule" in a for step in (clip, judge, ldm) for a in step.args)
+    sequential = quickstart.quickstart_steps(tmp_path, "csv", None, None)  # --sequential: nothing runs beside it
+    assert not any("thread_schedule" in a for step in sequential for a in step.args)
