@@ -7,7 +7,8 @@ other, so they run side by side, each on half of the CPU threads (one each on a 
 where two one-thread processes get more done than one two-thread process); their output goes to
 ``--out/<stage>.log`` while the console shows one live line per lane (step / total, elapsed, ETA: read from
 the ``progress.json`` each run writes, `ldmkit.progress`). The CLIP lane then trains the attribute classifier
-that judges the samples.
+that judges the samples. That lane ends first; from a fixed step of its own (the experiment's
+``callbacks.thread_schedule.from_step``, `ldmkit.lit.threads`) the autoencoder runs on all the CPUs.
 The LDM stage gets the whole machine. Finally the quickstart samples a grid of held-out prompts
 and measures colour/shape accuracy with that independent classifier.
 """
