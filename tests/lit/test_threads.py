@@ -18,21 +18,17 @@ def _restore_threads():
     torch.set_num_threads(before)
 
 
-class Recorder:
-    """The thread count each training step runs with (read inside the step, after every batch-start hook)."""
-
-    def __init__(self) -> None:
-        self.threads: list[int] = []
-
-
 class Tiny(pl.LightningModule):
-    def __init__(self, recorder: Recorder):
+    """Appends to `threads` the thread count each training step runs with (read inside the step, after every
+    batch-start hook)."""
+
+    def __init__(self, threads: list[int]):
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
-        self.recorder = recorder
+        self.threads = threads
 
     def training_step(self, batch, batch_idx):
-        self.recorder.threads.append(torch.get_num_threads())
+        self.threads.append(torch.get_num_threads())
         return self.layer(batch[0]).square().mean()
 
     def configure_optimizers(self):
@@ -40,15 +36,15 @@ class Tiny(pl.LightningModule):
 
 
 def fit(tmp_path, schedule: ThreadSchedule, max_steps: int = 6, ckpt_path=None, save: bool = False) -> list[int]:
-    recorder = Recorder()
+    threads: list[int] = []
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=4)
     callbacks = [schedule]
     if save:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1))
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=save, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, accelerator="cpu")
-    trainer.fit(Tiny(recorder), data, ckpt_path=ckpt_path)
-    return recorder.threads
+    trainer.fit(Tiny(threads), data, ckpt_path=ckpt_path)
+    return threads
 
 
 def test_threads_change_at_the_given_step(tmp_path, monkeypatch):
