@@ -71,9 +71,9 @@ def two_pass_guidance(model, cond, uncond, scale, *, rescale: float = 0.0, **_: 
 @contextlib.contextmanager
 def naive_guidance():
     """`generate` exactly as it is, except that guidance makes two forwards per model evaluation."""
-    import ldmkit.txt2img
+    import ldmkit.generator  # where `TextToImage.generate` binds the guidance
 
-    with mock.patch.object(ldmkit.txt2img, "classifier_free_guidance", two_pass_guidance):
+    with mock.patch.object(ldmkit.generator, "classifier_free_guidance", two_pass_guidance):
         yield
 
 

@@ -25,7 +25,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldmkit.artifacts import save_artifact
 from ldmkit.lit.images import log_image_grid
-from ldmkit.lit.optim import param_groups, warmup_cosine_schedule
+from ldmkit.lit.optim import build_optimizer, clip_gradients, param_groups, uses_grad_scaler, warmup_cosine_schedule
 from ldmkit.nn.autoencoder import ARTIFACT_KIND, AutoencoderKL, measure_latent_stats
 from ldmkit.nn.discriminator import DISC_LOSSES, adaptive_gan_weight, generator_loss
 
@@ -155,12 +155,16 @@ class AutoencoderModule(LightningModule):
         # both optimizers' steps once the discriminator is on, so with the GAN the decay ends later
         return warmup_cosine_schedule(optimizer, int(self.trainer.estimated_stepping_batches), warmup)
 
+    def _optimizer(self, factory: Any, module: torch.nn.Module) -> torch.optim.Optimizer:
+        groups = param_groups(module, self.hparams.split_weight_decay)
+        return build_optimizer(factory, groups, self.device, uses_grad_scaler(self))
+
     def configure_optimizers(self) -> Any:
-        opt_g = self.optimizer_factory(params=param_groups(self.autoencoder, self.hparams.split_weight_decay))
+        opt_g = self._optimizer(self.optimizer_factory, self.autoencoder)
         sched_g = self._schedule(opt_g)
         if not self.uses_gan:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sched_g, "interval": "step"}}
-        opt_d = self.disc_optimizer_factory(params=param_groups(self.discriminator, self.hparams.split_weight_decay))
+        opt_d = self._optimizer(self.disc_optimizer_factory, self.discriminator)
         sched_d = self._schedule(opt_d)
         return [opt_g, opt_d], [{"scheduler": sched_g, "interval": "step"}, {"scheduler": sched_d, "interval": "step"}]
 
@@ -240,8 +244,7 @@ class AutoencoderModule(LightningModule):
         self.log_dict(logs, batch_size=x.shape[0])
 
     def _clip(self, optimizer: Any) -> None:
-        if self.hparams.grad_clip_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip_norm, gradient_clip_algorithm="norm")
+        clip_gradients(self, optimizer, self.hparams.grad_clip_norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["autoencoder_steps"] = self.ae_step

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ldmkit.data.digits import DigitsDataModule
 from ldmkit.data.shapes import ShapesDataModule
 from ldmkit.lit.batches import move_batch_tensors
-from ldmkit.lit.optim import build_optimizer, build_scheduler, param_groups
+from ldmkit.lit.optim import build_optimizer, build_scheduler, clip_gradients, param_groups, uses_grad_scaler
 from ldmkit.nn.clip import (
     ClipLoss,
     ZeroShotTask,
@@ -194,11 +194,10 @@ class ClipModule(LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         value = gradient_clip_val if gradient_clip_val is not None else self.gradient_clip_val
-        if value:
-            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+        clip_gradients(self, optimizer, value, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.optimizer_factory, param_groups(self.net), self.device)
+        optimizer = build_optimizer(self.optimizer_factory, param_groups(self.net), self.device, uses_grad_scaler(self))
         scheduler = build_scheduler(self.scheduler_factory, optimizer, self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
 

@@ -25,7 +25,7 @@ from ldmkit.diffusion.samplers import check_sampler_supports
 from ldmkit.generator import BackboneDenoiser, TextToImage
 from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
-from ldmkit.lit.optim import WarmupCosine, param_groups, warmup_cosine_schedule
+from ldmkit.lit.optim import WarmupCosine, build_optimizer, clip_gradients, param_groups, uses_grad_scaler, warmup_cosine_schedule
 from ldmkit.nn.backbones import BackboneFactMismatch, backbone_spec, check_latent_size
 from ldmkit.nn.frozen import FrozenEncoders, check_text_context, load_frozen_encoders, text_context_dim
 
@@ -224,13 +224,18 @@ class LatentDiffusionModule(LightningModule):
         self.ema.update(self.backbone, images_per_step=images_per_step, step=self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(params=param_groups(self.backbone, self.hparams.split_weight_decay))
+        groups = param_groups(self.backbone, self.hparams.split_weight_decay)
+        optimizer = build_optimizer(self.optimizer_factory, groups, self.device, uses_grad_scaler(self))
         warmup = self.hparams.lr_warmup_steps
         if self.hparams.lr_decay:
             schedule = warmup_cosine_schedule(optimizer, int(self.trainer.estimated_stepping_batches), warmup)
         else:  # linear warm-up, then constant (the usual choice for diffusion with EMA)
             schedule = LambdaLR(optimizer, WarmupCosine(warmup, total_steps=0, min_lr_ratio=1.0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # also with fused AdamW
 
     # ---- validation ---------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

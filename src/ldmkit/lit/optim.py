@@ -1,4 +1,5 @@
-"""Optimizer helpers shared by the LightningModules: weight-decay groups, warmup + cosine LR, fused AdamW.
+"""Optimizer helpers shared by the LightningModules: weight-decay groups, warmup + cosine LR, fused AdamW
+(and gradient clipping that works with it).
 
 Config pattern (the LightningModule receives `_partial_` factories and calls these):
 
@@ -6,7 +7,7 @@ Config pattern (the LightningModule receives `_partial_` factories and calls the
     scheduler: {_target_: ldmkit.lit.optim.warmup_cosine_schedule, _partial_: true, warmup_steps: 100}
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer, param_groups(self.net), self.device)
+        optimizer = build_optimizer(self.optimizer, param_groups(self.net), self.device, uses_grad_scaler(self))
         return {"optimizer": optimizer, "lr_scheduler": build_scheduler(self.scheduler, optimizer, self.trainer)}
 """
 
@@ -78,19 +79,54 @@ def _factory_target(factory: Callable) -> Callable:
     return factory.func if isinstance(factory, functools.partial) else factory
 
 
-def build_optimizer(factory: Callable[..., Optimizer], params: Any, device: torch.device | str | None = None) -> Optimizer:
+def uses_grad_scaler(module: Any) -> bool:
+    """True when the Trainer of a LightningModule scales the loss (fp16 mixed precision: a `GradScaler`);
+    False for bf16, fp32, and a module not attached to a Trainer."""
+    try:
+        trainer = module.trainer
+    except (RuntimeError, AttributeError):  # not attached to a Trainer, or no LightningModule
+        return False
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None
+
+
+def build_optimizer(factory: Callable[..., Optimizer], params: Any, device: torch.device | str | None = None,
+                    grad_scaler: bool = False) -> Optimizer:
     """Call an optimizer factory (a Hydra `_partial_`), switching on `fused=True` for CUDA parameters
-    when the optimizer supports it and the config did not choose."""
+    when the optimizer supports it and the config did not choose. Not under a `GradScaler`
+    (`grad_scaler=True`, fp16): a fused optimizer unscales inside its step, so gradients could not be
+    unscaled before clipping; bf16 and fp32 have no scaler and clip through `clip_gradients`."""
     kwargs: dict[str, Any] = {}
     device = torch.device(device) if device is not None else None
     keywords = factory.keywords if isinstance(factory, functools.partial) else {}
-    if device is not None and device.type == "cuda" and "fused" not in keywords:
+    if device is not None and device.type == "cuda" and "fused" not in keywords and not grad_scaler:
         try:
             if "fused" in inspect.signature(_factory_target(factory)).parameters:
                 kwargs["fused"] = True
         except (TypeError, ValueError):
             pass
     return factory(params, **kwargs)
+
+
+def clip_gradients(module: Any, optimizer: Any, value: float | None, algorithm: str | None = "norm") -> None:
+    """Clip the gradients of `optimizer`'s parameters (global norm, or `algorithm="value"`) for a LightningModule.
+
+    Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales inside its step (fused
+    AdamW: "does not allow for gradient clipping"), also under bf16, where nothing is scaled. Without a
+    `GradScaler` the gradients are the true ones, so they are clipped here directly; with one (fp16), or for
+    any other optimizer, Lightning clips (`module.clip_gradients`), as before."""
+    if not value or value <= 0:
+        return
+    algorithm = algorithm or "norm"
+    if algorithm not in ("norm", "value"):
+        raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {algorithm!r}")
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and not uses_grad_scaler(module):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, value)
+        else:
+            torch.nn.utils.clip_grad_value_(params, value)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
 
 
 @dataclass
