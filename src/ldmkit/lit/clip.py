@@ -32,6 +32,7 @@ from ldmkit.nn.clip import (
     caption_ids,
     encode_images,
     encode_texts,
+    insert_random_tokens,
     retrieval_recall,
     zero_shot_accuracy,
 )
@@ -105,6 +106,10 @@ class ClipModule(LightningModule):
         max_logit_scale: clamp of the learnable inverse temperature (CLIP: 100).
         zero_shot: ``auto`` (from the datamodule), ``shapes``, ``digits`` or None.
         zero_shot_template: prompt template override, e.g. ``"a photo of a {colour} {shape}"``.
+        text_noise_prob: share of training captions that get random token ids inserted
+            (``ldmkit.nn.clip.insert_random_tokens``; 0 = off). Training only; drawn from a generator seeded by
+            (initial seed, rank, step), so a run and its resumption draw the same noise.
+        text_noise_max_tokens: at most this many insertions per chosen caption (1..max, uniform).
     """
 
     def __init__(
@@ -119,6 +124,8 @@ class ClipModule(LightningModule):
         max_logit_scale: float = 100.0,
         zero_shot: str | None = "auto",
         zero_shot_template: str | None = None,
+        text_noise_prob: float = 0.0,
+        text_noise_max_tokens: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss", "tokenizer"], logger=False)
@@ -131,6 +138,12 @@ class ClipModule(LightningModule):
         self.max_logit_scale = float(max_logit_scale)
         self.zero_shot = zero_shot
         self.zero_shot_template = zero_shot_template
+        if not 0.0 <= float(text_noise_prob) <= 1.0:
+            raise ValueError(f"model.text_noise_prob must be in [0, 1] (a share of captions), got {text_noise_prob!r}")
+        if isinstance(text_noise_max_tokens, bool) or int(text_noise_max_tokens) != text_noise_max_tokens or text_noise_max_tokens < 1:
+            raise ValueError(f"model.text_noise_max_tokens must be a positive integer, got {text_noise_max_tokens!r}")
+        self.text_noise_prob, self.text_noise_max_tokens = float(text_noise_prob), int(text_noise_max_tokens)
+        self.noise_seed = torch.initial_seed()  # seed_everything's seed when the run built this module
         if grad_checkpointing:
             net.set_grad_checkpointing(True)
         self._val_outputs: dict[str, list[Tensor]] = {}
@@ -138,17 +151,28 @@ class ClipModule(LightningModule):
 
     # -------------------------------------------------------------- features
 
-    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    def encode(self, batch: dict[str, Any], text_noise: bool = False) -> tuple[Tensor, Tensor]:
         """L2-normalised image and text features (B, E) in float32 (stable logits under bf16 autocast).
         Uses the batch's ``tokens`` (B, L) when the data pipeline made them (open_clip tokenizes in its
-        DataLoader workers), else tokenizes the captions here (~7 ms of host time per 128 captions)."""
+        DataLoader workers), else tokenizes the captions here (~7 ms of host time per 128 captions).
+        `text_noise`: insert random tokens into `text_noise_prob` of the captions (training)."""
         tokens = batch.get("tokens")
         if tokens is None:
             tokens = self.tokenizer(list(batch["caption"]))
+        if text_noise and self.text_noise_prob > 0:
+            tokens = self.noisy_tokens(tokens)
         tokens = tokens.to(self.device)  # (B, L)
         image_features = encode_images(self.net, batch["image"], normalize=True)
         text_features = self.net.encode_text(tokens, normalize=True)
         return image_features.float(), text_features.float()
+
+    def noisy_tokens(self, tokens: Tensor) -> Tensor:
+        rank, step = self.global_rank, self.global_step
+        generator = torch.Generator().manual_seed((self.noise_seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
+        vocab = int(getattr(self.net, "vocab_size", 0) or self.net.token_embedding.num_embeddings)
+        special = [getattr(self.tokenizer, "sot_token_id", None), getattr(self.tokenizer, "pad_id", 0), 0]
+        return insert_random_tokens(tokens, self.text_noise_prob, self.text_noise_max_tokens, vocab,
+                                    int(self.tokenizer.eot_token_id), generator, [t for t in special if t is not None])
 
     def gather_features(self, features: Tensor) -> Tensor:
         """(B, E) on each rank -> (W*B, E), differentiable (gradients flow back to their rank).
@@ -178,7 +202,7 @@ class ClipModule(LightningModule):
         return move_batch_tensors(batch, device) if isinstance(batch, dict) else super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        image_features, text_features = self.encode(batch)
+        image_features, text_features = self.encode(batch, text_noise=True)
         loss = self.contrastive_loss(image_features, text_features)
         batch_size = image_features.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
