@@ -91,3 +91,71 @@ def test_clip_module_refuses_bad_options(options, match):
 
     with pytest.raises(ValueError, match=match):
         tiny_module(**options)
+
+
+# ---- the LDM: caption noise before the frozen text encoder ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, match", [({"text_noise_prob": 2.0}, "model.text_noise_prob"),
+                                            ({"text_noise_max_tokens": 0}, "model.text_noise_max_tokens")])
+def test_ldm_module_refuses_bad_text_noise_options(tiny_artifacts, options, match):
+    from tests.artifacts import ldm_module
+
+    with pytest.raises(ValueError, match=match):
+        ldm_module(tiny_artifacts["autoencoder"], tiny_artifacts["clip"], **options)
+
+
+def test_frozen_text_encoder_reads_noisy_tokens_as_open_clip_does(tiny_artifacts):
+    from ldmkit.nn.clip import load_clip, load_text_encoder
+
+    model, _, _ = load_clip(tiny_artifacts["clip"])
+    encoder = load_text_encoder(tiny_artifacts["clip"], clip_skip=1)
+    clean = encoder.tokenize(["a red circle", "an image showing one blue star"])
+    noisy = insert_random_tokens(clean, 1.0, 3, encoder.vocab_size, EOT, torch.Generator().manual_seed(0), [SOT])
+    for tokens in (clean, noisy):  # the pooled embedding is open_clip's own unnormalised text feature
+        torch.testing.assert_close(encoder.encode_tokens(tokens)[1], model.encode_text(tokens, normalize=False), rtol=0, atol=1e-6)
+    assert torch.equal(encoder(["a red circle", "an image showing one blue star"])[0], encoder.encode_tokens(clean)[0])
+
+
+def test_ldm_noises_training_captions_only(tiny_artifacts):
+    from tests.artifacts import ldm_module
+
+    module = ldm_module(tiny_artifacts["autoencoder"], tiny_artifacts["clip"], text_noise_prob=1.0, text_noise_max_tokens=2)
+    encoder = module.text_encoder
+    seen = []
+    original = encoder.encode_tokens
+    encoder.encode_tokens = lambda tokens: seen.append(tokens.clone()) or original(tokens)
+    captions = ["a red circle", "a blue square on the left"]
+    clean = encoder.tokenize(captions)
+    batch = {"caption": captions}
+    plain_context, _ = module.conditioning(batch, 0.0)  # validation / sampling: the captions as written
+    noisy_context, _ = module.conditioning(batch, 0.0, text_noise=True)
+    again_context, _ = module.conditioning(batch, 0.0, text_noise=True)  # same step: the same noise (resumes agree)
+    assert torch.equal(seen[0], clean)
+    assert not torch.equal(seen[1], clean) and torch.equal(seen[1], seen[2])
+    for row_clean, row_noisy in zip(clean, seen[1]):  # every caption token kept, in order, with 1..2 more
+        kept, noisy = strip(row_clean), strip(row_noisy)
+        assert is_subsequence(kept, noisy) and 1 <= len(noisy) - len(kept) <= 2
+    assert not torch.allclose(plain_context, noisy_context) and torch.equal(noisy_context, again_context)
+
+
+def test_ldm_text_noise_reencodes_a_latent_caches_captions(tiny_artifacts):
+    from tests.artifacts import ldm_module
+
+    module = ldm_module(tiny_artifacts["autoencoder"], tiny_artifacts["clip"], text_noise_prob=1.0)
+    captions = ["a red circle", "a blue square"]
+    cached_context, cached_pooled = module.encode_text(captions)
+    batch = {"caption": captions, "context": cached_context, "pooled": cached_pooled}
+    context, pooled = module.conditioning(batch, 0.0)
+    assert context is cached_context and pooled is cached_pooled  # no noise: the cache's states as stored
+    noisy_context, _ = module.conditioning(batch, 0.0, text_noise=True)
+    assert noisy_context.shape == cached_context.shape and not torch.allclose(noisy_context, cached_context)
+
+
+def test_ldm_training_step_with_text_noise_through_the_configs(compose_cfg, tiny_artifacts):
+    from ldmkit.pipeline import train
+    from tests.lit.test_ldm import TINY, artifacts_overrides
+
+    cfg = compose_cfg([*TINY, *artifacts_overrides(tiny_artifacts), "model.text_noise_prob=0.5", "debug=fast_dev_run"])
+    metrics, objects = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and objects["model"].text_noise.prob == 0.5

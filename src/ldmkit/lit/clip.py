@@ -26,13 +26,13 @@ from ldmkit.lit.batches import move_batch_tensors
 from ldmkit.lit.optim import build_optimizer, build_scheduler, clip_gradients, param_groups, uses_grad_scaler
 from ldmkit.nn.clip import (
     ClipLoss,
+    TextNoise,
     ZeroShotTask,
     artifact_config,
     build_tokenizer,
     caption_ids,
     encode_images,
     encode_texts,
-    insert_random_tokens,
     retrieval_recall,
     zero_shot_accuracy,
 )
@@ -138,12 +138,7 @@ class ClipModule(LightningModule):
         self.max_logit_scale = float(max_logit_scale)
         self.zero_shot = zero_shot
         self.zero_shot_template = zero_shot_template
-        if not 0.0 <= float(text_noise_prob) <= 1.0:
-            raise ValueError(f"model.text_noise_prob must be in [0, 1] (a share of captions), got {text_noise_prob!r}")
-        if isinstance(text_noise_max_tokens, bool) or int(text_noise_max_tokens) != text_noise_max_tokens or text_noise_max_tokens < 1:
-            raise ValueError(f"model.text_noise_max_tokens must be a positive integer, got {text_noise_max_tokens!r}")
-        self.text_noise_prob, self.text_noise_max_tokens = float(text_noise_prob), int(text_noise_max_tokens)
-        self.noise_seed = torch.initial_seed()  # seed_everything's seed when the run built this module
+        self.text_noise = TextNoise(text_noise_prob, text_noise_max_tokens, field="model.text_noise")
         if grad_checkpointing:
             net.set_grad_checkpointing(True)
         self._val_outputs: dict[str, list[Tensor]] = {}
@@ -159,7 +154,7 @@ class ClipModule(LightningModule):
         tokens = batch.get("tokens")
         if tokens is None:
             tokens = self.tokenizer(list(batch["caption"]))
-        if text_noise and self.text_noise_prob > 0:
+        if text_noise and self.text_noise:
             tokens = self.noisy_tokens(tokens)
         tokens = tokens.to(self.device)  # (B, L)
         image_features = encode_images(self.net, batch["image"], normalize=True)
@@ -167,12 +162,8 @@ class ClipModule(LightningModule):
         return image_features.float(), text_features.float()
 
     def noisy_tokens(self, tokens: Tensor) -> Tensor:
-        rank, step = self.global_rank, self.global_step
-        generator = torch.Generator().manual_seed((self.noise_seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
         vocab = int(getattr(self.net, "vocab_size", 0) or self.net.token_embedding.num_embeddings)
-        special = [getattr(self.tokenizer, "sot_token_id", None), getattr(self.tokenizer, "pad_id", 0), 0]
-        return insert_random_tokens(tokens, self.text_noise_prob, self.text_noise_max_tokens, vocab,
-                                    int(self.tokenizer.eot_token_id), generator, [t for t in special if t is not None])
+        return self.text_noise(tokens, self.tokenizer, vocab, self.global_rank, self.global_step)
 
     def gather_features(self, features: Tensor) -> Tensor:
         """(B, E) on each rank -> (W*B, E), differentiable (gradients flow back to their rank).

@@ -27,6 +27,7 @@ from ldmkit.lit.ema import EMA
 from ldmkit.lit.images import log_image_grid
 from ldmkit.lit.optim import WarmupCosine, build_optimizer, clip_gradients, param_groups, uses_grad_scaler, warmup_cosine_schedule
 from ldmkit.nn.backbones import BackboneFactMismatch, backbone_spec, check_latent_size
+from ldmkit.nn.clip import TextNoise
 from ldmkit.nn.frozen import FrozenEncoders, check_text_context, load_frozen_encoders, text_context_dim
 
 FROZEN_PREFIXES = ("autoencoder.", "text_encoder.")
@@ -104,14 +105,21 @@ class LatentDiffusionModule(LightningModule):
         frozen_bf16: bool = False,
         split_weight_decay: bool = False,
         init: str | None = None,
+        text_noise_prob: float = 0.0,
+        text_noise_max_tokens: int = 3,
     ) -> None:
         """`split_weight_decay`: the optimizer's weight decay skips biases, norms and embeddings
         (`lit.optim.param_groups`); the default is one group of all backbone parameters, as before.
         `text_context`: what the backbone cross-attends to, `tokens` (the text encoder's per-token states, as
-        Stable Diffusion), `pooled` (its pooled embedding as the one context token) or `tokens+pooled`."""
+        Stable Diffusion), `pooled` (its pooled embedding as the one context token) or `tokens+pooled`.
+        `text_noise_prob` / `text_noise_max_tokens`: in training, that share of the captions gets 1..max random
+        token ids inserted before the frozen text encoder reads them (`ldmkit.nn.clip.TextNoise`), so the backbone
+        learns to read the content words' states however unfamiliar words around them move them (prompts in
+        words the captions never used). With a latent cache, its captions are then encoded each step."""
         super().__init__()
         # plain values only: checkpoints must load with weights_only=True
         self.save_hyperparameters(ignore=["backbone", "loss", "optimizer"])
+        self.text_noise = TextNoise(text_noise_prob, text_noise_max_tokens, field="model.text_noise")
         check_sampler_supports(str((sampler or {}).get("name", "dpmpp_2m")), loss.process)  # before any validation
         check_text_context(text_context)  # its name, before the encoders load (their widths are checked after)
         # fails fast and cheaply on a missing or wrong artifact before loading anything
@@ -162,9 +170,14 @@ class LatentDiffusionModule(LightningModule):
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
         return stack
 
-    def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, captions: Sequence[str], text_noise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D), (B, P) in float32; `text_noise`: with `text_noise_prob`'s random tokens (training)."""
+        encoder = self.text_encoder
+        tokens = encoder.tokenizer(list(captions))  # on the CPU, where the noise is drawn: no device sync
+        if text_noise:
+            tokens = self.text_noise(tokens, encoder.tokenizer, encoder.vocab_size, self.global_rank, self.global_step)
         with self.frozen_context():
-            context, pooled = self.text_encoder(list(captions))  # (B, L, D), (B, P)
+            context, pooled = encoder.encode_tokens(tokens)
         return context.float(), pooled.float()
 
     def empty_prompt_embedding(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,13 +185,16 @@ class LatentDiffusionModule(LightningModule):
             self._uncond = self.encode_text([""])
         return self._uncond
 
-    def conditioning(self, batch: dict[str, Any], drop_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def conditioning(self, batch: dict[str, Any], drop_prob: float,
+                     text_noise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings, with each caption replaced by the empty prompt with probability `drop_prob`
-        (condition dropout, so that classifier-free guidance has an unconditional model to contrast)."""
-        if "context" in batch:  # from the latent cache
+        (condition dropout, so that classifier-free guidance has an unconditional model to contrast).
+        `text_noise`: insert `text_noise_prob`'s random tokens into the captions first (training)."""
+        noisy = text_noise and bool(self.text_noise)
+        if "context" in batch and not noisy:  # from the latent cache
             context, pooled = batch["context"], batch["pooled"]
-        else:
-            context, pooled = self.encode_text(batch["caption"])
+        else:  # text noise re-encodes a latent cache's captions (its stored text states are noise-free)
+            context, pooled = self.encode_text(batch["caption"], text_noise=noisy)
         if drop_prob > 0:
             drop = torch.rand(context.shape[0], device=context.device) < drop_prob  # no host sync
             empty_context, empty_pooled = self.empty_prompt_embedding()
@@ -210,7 +226,7 @@ class LatentDiffusionModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = self.latents(batch)
-        cond = self.conditioning(batch, self.hparams.cond_drop_prob)
+        cond = self.conditioning(batch, self.hparams.cond_drop_prob, text_noise=True)
         loss = self.objective(self.net, x0, cond).mean()
         self._batch_size = x0.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])

@@ -28,11 +28,11 @@ from ldmkit.nn.clip.loading import artifact_config, freeze, load_clip, load_text
 from ldmkit.nn.clip.losses import ClipLoss, SigLipLoss, gather_with_grad
 from ldmkit.nn.clip.metrics import ZeroShotTask, caption_ids, retrieval_recall, zero_shot_accuracy
 from ldmkit.nn.clip.text_encoder import FrozenClipTextEncoder
-from ldmkit.nn.clip.tokenizer import PaddedTokenizer, build_tokenizer, insert_random_tokens
+from ldmkit.nn.clip.tokenizer import PaddedTokenizer, TextNoise, build_tokenizer, insert_random_tokens
 
 __all__ = [
     "CHECKPOINT_SUFFIXES", "CLIP_MEAN", "CLIP_STD", "PRODUCER", "ClipCheckpointError", "ClipLoss",
-    "FrozenClipTextEncoder", "PaddedTokenizer", "SigLipLoss", "ZeroShotTask", "artifact_config", "build_clip",
+    "FrozenClipTextEncoder", "PaddedTokenizer", "SigLipLoss", "TextNoise", "ZeroShotTask", "artifact_config", "build_clip",
     "build_tokenizer", "caption_ids", "clip_arch", "describe_mismatch", "encode_images", "encode_texts", "freeze",
     "gather_with_grad", "insert_random_tokens", "load_clip", "load_pretrained", "load_text_encoder", "preprocess_images",
     "resolve_clip_config", "retrieval_recall", "zero_shot_accuracy",

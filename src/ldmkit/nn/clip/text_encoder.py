@@ -55,7 +55,16 @@ class FrozenClipTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        tokens = self.tokenize(captions)  # (B, L)
+        return self.encode_tokens(self.tokenize(captions))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.token_embedding.num_embeddings)
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """`tokens` (B, L) as `tokenize` makes them -> (per-token embeddings (B, L, D), pooled (B, E))."""
+        tokens = tokens.to(self.positional_embedding.device)
         cast = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(cast) + self.positional_embedding.to(cast)  # (B, L, D)
         batch_first = getattr(self.transformer, "batch_first", True)

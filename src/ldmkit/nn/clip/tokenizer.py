@@ -91,3 +91,33 @@ def insert_random_tokens(tokens: Tensor, prob: float, max_tokens: int, vocab_siz
             content.insert(slot + j, token)
         out[b, : n + k] = torch.tensor(content, dtype=rows.dtype)
     return out.to(tokens.device)
+
+
+class TextNoise:
+    """Caption noise as a training option (`insert_random_tokens`), with the option checks in one place and a
+    generator seeded by (run seed, rank, step), so a run and its resumption draw the same noise.
+
+    `prob`: share of captions that get random token ids inserted (0 = off); `max_tokens`: 1..this many per caption.
+    `field` names the config option in error messages (e.g. ``model.text_noise``)."""
+
+    def __init__(self, prob: float = 0.0, max_tokens: int = 3, field: str = "text_noise") -> None:
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"{field}_prob must be a number in [0, 1] (the share of training captions that get "
+                             f"random tokens inserted; 0 turns it off), got {prob!r}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"{field}_max_tokens must be a positive integer (at most this many random tokens per "
+                             f"chosen caption), got {max_tokens!r}")
+        self.prob, self.max_tokens = float(prob), int(max_tokens)
+        self.seed = torch.initial_seed()  # seed_everything's seed when the run built its module
+
+    def __bool__(self) -> bool:
+        return self.prob > 0.0
+
+    def __call__(self, tokens: Tensor, tokenizer: Any, vocab_size: int, rank: int, step: int) -> Tensor:
+        """`tokens` (B, L) from `tokenizer` (open_clip's: start/end/padding ids are never inserted)."""
+        if not self:
+            return tokens
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
+        special = [getattr(tokenizer, "sot_token_id", None), getattr(tokenizer, "pad_id", 0), 0]
+        return insert_random_tokens(tokens, self.prob, self.max_tokens, int(vocab_size), int(tokenizer.eot_token_id),
+                                    generator, [t for t in special if t is not None])
