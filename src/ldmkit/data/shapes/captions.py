@@ -54,6 +54,9 @@ _PAIR_TEMPLATES = ("{N} {S} {C} {Hs} {PP}", "{N} {S} {C} {Hs}", "{PP}, {N} {S} {
 _BACKGROUND_WORDS = {"dark": ("dark", "black"), "gray": ("gray", "grey"), "light": ("light", "white")}
 
 # One template per line; {S} size, {C} colour, {H} shape, {P} position phrase, {p} short position.
+# The article "an" must occur on its own: open_clip's BPE splits "cyan" into "cy" + "an</w>", the same token as the
+# word "an", so captions without it taught a CLIP that "an" means cyan, and prompts that begin "an ..." came out
+# cyan-tinted (BENCHMARKS.md, "The word 'an' and cyan").
 _SINGLE_TEMPLATES = (
     "a {S} {C} {H} {P}",
     "{C} {H}, {p}, {S}",
@@ -62,6 +65,7 @@ _SINGLE_TEMPLATES = (
     "a picture of a {S} {C} {H} {P}",
     "a {S} {H} in {C} {P}",
     "{S} {C} {H} {P}",
+    "an illustration of a {S} {C} {H} {P}",
 )
 
 
