@@ -113,9 +113,10 @@ class LatentDiffusionModule(LightningModule):
         `text_context`: what the backbone cross-attends to, `tokens` (the text encoder's per-token states, as
         Stable Diffusion), `pooled` (its pooled embedding as the one context token) or `tokens+pooled`.
         `text_noise_prob` / `text_noise_max_tokens`: in training, that share of the captions gets 1..max random
-        token ids inserted before the frozen text encoder reads them (`ldmkit.nn.clip.TextNoise`), so the backbone
-        learns to read the content words' states however unfamiliar words around them move them (prompts in
-        words the captions never used). With a latent cache, its captions are then encoded each step."""
+        token ids inserted before the frozen text encoder reads them (`ldmkit.nn.clip.TextNoise`), meant to teach the
+        backbone to read the content words' states however unfamiliar words around them move them (on `shapes` it
+        moved one weak-CLIP LDM by 3-4 points: BENCHMARKS.md, session 11). With a latent cache, its captions are then
+        encoded each step."""
         super().__init__()
         # plain values only: checkpoints must load with weights_only=True
         self.save_hyperparameters(ignore=["backbone", "loss", "optimizer"])
