@@ -4,7 +4,8 @@ ldmkit's attention (`ldmkit.nn.attention.split_heads`) hands SDPA views of ONE f
 3C); diffusers' hands it views of three separate (B, N, C) projections (row stride C). This times the attention kernel
 alone, forward and backward into the projections' gradients, for those two layouts, for contiguous (B, H, N, D) inputs
 and for the fused projection split with `chunk` on the last dim, interleaved round by round (`common.interleave`). All
-four compute the same attention from the same numbers (checked before timing).
+four compute the same attention from the same numbers (checked before timing; gathering each layout's gradients into
+the (B, N, 3C) layout for that check stays out of the timed calls).
 
     python bench/sdpa_layout.py [--batch 8] [--tokens 256] [--heads 6] [--head-dim 64] [--dtype bf16] [--threads 1]
 """
@@ -23,48 +24,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-Layout = Callable[[torch.Tensor], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# f(fused (B, N, 3C) numbers) -> ((q, k, v) each (B, H, N, D) with fresh autograd leaves, g() -> the gradient that
+# reached the leaves, as (B, N, 3C)); g is only called by the check, outside the timed calls
+Layout = Callable[[torch.Tensor], tuple[QKV, Callable[[], torch.Tensor]]]
 
 
 def layouts(heads: int) -> dict[str, Layout]:
-    """name -> f(fused (B, N, 3C) numbers) -> (leaf to take gradients at, (q, k, v) each (B, H, N, D))."""
+    """The four q/k/v layouts, by name."""
 
     def fused_unbind(x):  # ldmkit: one projection, unbound on the parts axis
         leaf = x.detach().clone().requires_grad_()
         b, n, _ = leaf.shape
-        return leaf, tuple(y.transpose(1, 2) for y in leaf.view(b, n, 3, heads, -1).unbind(2))
+        return tuple(y.transpose(1, 2) for y in leaf.view(b, n, 3, heads, -1).unbind(2)), lambda: leaf.grad
 
     def fused_chunk(x):  # one projection, split on the last dim
         leaf = x.detach().clone().requires_grad_()
         b, n, _ = leaf.shape
-        return leaf, tuple(y.view(b, n, heads, -1).transpose(1, 2) for y in leaf.chunk(3, dim=-1))
+        return tuple(y.view(b, n, heads, -1).transpose(1, 2) for y in leaf.chunk(3, dim=-1)), lambda: leaf.grad
 
     def separate(x):  # diffusers: three projections
         b, n, _ = x.shape
         parts = [p.detach().clone().requires_grad_() for p in x.view(b, n, 3, -1).unbind(2)]
-        return parts, tuple(p.view(b, n, heads, -1).transpose(1, 2) for p in parts)
+        qkv = tuple(p.view(b, n, heads, -1).transpose(1, 2) for p in parts)
+        return qkv, lambda: torch.stack([p.grad for p in parts], dim=2).flatten(2)
 
     def contiguous(x):
         b, n, _ = x.shape
         parts = [p.transpose(1, 2).contiguous().detach().requires_grad_() for p in x.view(b, n, 3, heads, -1).unbind(2)]
-        return parts, tuple(parts)
+        return tuple(parts), lambda: torch.stack([p.grad.transpose(1, 2) for p in parts], dim=2).flatten(2)
 
     return {"fused_unbind (ldmkit)": fused_unbind, "separate (diffusers)": separate, "contiguous": contiguous,
             "fused_chunk": fused_chunk}
 
 
-def attention_step(layout: Layout, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward + backward of SDPA on `layout(x)`; returns the output and the gradient w.r.t. the (B, N, 3C) numbers."""
-    leaf, (q, k, v) = layout(x)
+def attention_step(layout: Layout, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """Forward + backward of SDPA on `layout(x)` (what is timed); returns the output and the layout's gradient
+    getter (the (B, N, 3C) gradient is assembled only when called)."""
+    (q, k, v), gradient = layout(x)
     out = F.scaled_dot_product_attention(q, k, v)
     out.backward(grad_out)
-    if isinstance(leaf, torch.Tensor):
-        grad = leaf.grad
-    elif leaf[0].ndim == 4:  # contiguous (B, H, N, D) parts
-        grad = torch.stack([p.grad.transpose(1, 2) for p in leaf], dim=2).flatten(2)
-    else:
-        grad = torch.stack([p.grad for p in leaf], dim=2).flatten(2)
-    return out.detach(), grad
+    return out.detach(), gradient
 
 
 def check_same_attention(candidates: dict[str, Layout], x: torch.Tensor, grad_out: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ def check_same_attention(candidates: dict[str, Layout], x: torch.Tensor, grad_ou
     out0, grad0 = attention_step(layout, x, grad_out)
     for name, layout in others:
         out, grad = attention_step(layout, x, grad_out)
-        if not (torch.allclose(out, out0, rtol=0, atol=atol) and torch.allclose(grad, grad0, rtol=0, atol=atol)):
+        if not (torch.allclose(out, out0, rtol=0, atol=atol) and torch.allclose(grad(), grad0(), rtol=0, atol=atol)):
             raise SystemExit(f"{name} does not compute what {first} does")
 
 
