@@ -27,6 +27,103 @@ def split_heads(x: torch.Tensor, parts: int, num_heads: int) -> tuple[torch.Tens
     return tuple(y.transpose(1, 2) for y in x.unbind(2))
 
 
+# Attention with at most this many query x key positions per head takes `_BF16CpuAttention` on the CPU in bf16
+# (0: never). Measured on the project's 2-core AVX512-BF16 EPYC, torch 2.15, 6 heads of 64, forward + backward
+# (bench/bf16_cpu_attention.py, BENCHMARKS.md): 2.0-2.2x SDPA's speed up to 256 x 77, 1.4-1.5x at 256 x 256 to
+# 512 x 512, 1.1-1.2x at 1024 x 1024. The cap is for memory: it saves the bf16 probabilities for backward
+# (2 bytes per score; SDPA saves one float per query), which grow with N x L while its lead shrinks.
+BF16_CPU_ATTENTION_MAX_SCORES = 512 * 512
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) queries and (B, heads, L, d) keys/values; `mask` a bool
+    tensor broadcastable to (B, heads, N, L), True = attend (or SDPA's additive float mask); a query with no key
+    to attend gets a zero output.
+
+    `F.scaled_dot_product_attention`, except for bf16 on the CPU with at most `BF16_CPU_ATTENTION_MAX_SCORES`
+    scores per head: there torch's CPU flash kernel is 1.4-2.2x slower than `_BF16CpuAttention` (bf16 matmuls
+    around a float32 softmax; smaller error against float64 attention), which saves more for backward."""
+    if (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and k.dtype == v.dtype == torch.bfloat16
+        and q.shape[-2] * k.shape[-2] <= BF16_CPU_ATTENTION_MAX_SCORES
+        and (mask is None or mask.dtype == torch.bool)
+    ):
+        return _BF16CpuAttention.apply(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# `_BF16CpuAttention` works through the (batch x heads) attention matrices in chunks of about this many bytes of
+# float32 scores, so that its temporaries stay in cache.
+_CHUNK_SCORE_BYTES = 2**21
+
+
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, heads, N, d) -> a contiguous (B * heads, N, d) copy (or view, when it already is one) in `dtype`."""
+    return x.to(dtype, memory_format=torch.contiguous_format).flatten(0, 1)
+
+
+class _BF16CpuAttention(torch.autograd.Function):
+    """Attention for bf16 q, k, v on the CPU: float32 logits (from float32 copies of q and k: bf16 products are
+    exact in float32, as in a bf16 matmul accumulating in float32) and softmax, the probabilities rounded to bf16
+    for the bf16 matmul with v (torch's CPU flash kernel likewise rounds its exponentials to bf16 for that matmul).
+    Masked keys get -inf; a query with no key to attend gets zero weights (SDPA's safe softmax). Saves the bf16
+    probabilities (B*heads*N*L*2 bytes) and the output for backward instead of recomputing; backward:
+    dv = p^T do, dp = do v^T in float32, ds = p (dp - rowsum(do o)) / sqrt(d), dq = ds k, dk = ds^T q (bf16
+    matmuls, float32 accumulation). Both passes go through the (batch x heads) matrices `_CHUNK_SCORE_BYTES` of
+    float32 scores at a time: at DiT / MMDiT sizes the page faults and cache misses of whole-tensor temporaries
+    cost as much as the arithmetic."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):  # noqa: ANN001, ANN205
+        b, h, n, d = q.shape
+        length = k.shape[-2]
+        q32, k32, v16 = _flat(q, torch.float32), _flat(k, torch.float32), _flat(v, v.dtype)
+        if mask is not None:  # (B * heads, 1 or N, L)
+            mask = mask.expand(b, h, mask.shape[-2], length).reshape(b * h, mask.shape[-2], length)
+        probs = q.new_empty(b * h, n, length)
+        out = q.new_empty(b * h, n, d)
+        scale = d**-0.5
+        for i, j in _chunks(b * h, n * length):
+            scores = torch.bmm(q32[i:j], k32[i:j].transpose(1, 2)).mul_(scale)
+            if mask is not None:
+                scores = scores.masked_fill_(~mask[i:j], float("-inf"))
+            p = torch.softmax(scores, dim=-1)
+            if mask is not None:  # softmax over all -inf is NaN; SDPA's safe softmax gives the row zero weights
+                p = p.masked_fill_(~mask[i:j].any(-1, keepdim=True), 0.0)
+            probs[i:j].copy_(p)
+            torch.bmm(probs[i:j], v16[i:j], out=out[i:j])
+        ctx.save_for_backward(q, k, v, probs, out)
+        return out.view(b, h, n, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        q, k, v, probs, out = ctx.saved_tensors
+        b, h, n, d = q.shape
+        length = k.shape[-2]
+        q16, k16, v32 = _flat(q, q.dtype), _flat(k, k.dtype), _flat(v, torch.float32)
+        g16 = _flat(grad_out, grad_out.dtype)
+        g32 = g16.float()
+        delta = (g32 * out.float()).sum(-1, keepdim=True)  # rowsum(p * dp) = rowsum(do * o), (B * heads, N, 1)
+        grad_q, grad_k, grad_v = torch.empty_like(q16), torch.empty_like(k16), torch.empty_like(_flat(v, v.dtype))
+        for i, j in _chunks(b * h, n * length):
+            torch.bmm(probs[i:j].transpose(1, 2), g16[i:j], out=grad_v[i:j])
+            ds = torch.bmm(g32[i:j], v32[i:j].transpose(1, 2)).sub_(delta[i:j]).mul_(probs[i:j])  # dp - delta
+            ds = ds.to(q.dtype)  # ds * sqrt(d): the scale goes on the (smaller) gradients below
+            torch.bmm(ds, k16[i:j], out=grad_q[i:j])
+            torch.bmm(ds.transpose(1, 2), q16[i:j], out=grad_k[i:j])
+        scale = d**-0.5
+        grad_q, grad_k = grad_q.mul_(scale), grad_k.mul_(scale)
+        return grad_q.view(b, h, n, d), grad_k.view(b, h, length, d), grad_v.view(b, h, length, d), None
+
+
+def _chunks(total: int, scores_per_item: int):
+    """[i, j) ranges over `total` attention matrices, about `_CHUNK_SCORE_BYTES` of float32 scores each."""
+    step = max(1, _CHUNK_SCORE_BYTES // (4 * scores_per_item))
+    return [(i, min(i + step, total)) for i in range(0, total, step)]
+
+
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
@@ -71,7 +168,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
         q, k, v = split_heads(self.qkv(x), 3, self.num_heads)  # each (B, heads, N, C/heads)
         q, k = self.norm(q, k)
-        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.out(merge_heads(attention(q, k, v)))
 
 
 class CrossAttention(nn.Module):
@@ -94,7 +191,7 @@ class CrossAttention(nn.Module):
         (q,) = split_heads(self.q(x), 1, self.num_heads)  # (B, heads, N, C/heads)
         k, v = split_heads(self.kv(context), 2, self.num_heads)  # each (B, heads, L, C/heads)
         q, k = self.norm(q, k)
-        return self.out(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+        return self.out(merge_heads(attention(q, k, v, mask)))
 
 
 class GEGLUFeedForward(nn.Module):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.nn.attention import QKNorm, merge_heads, split_heads
+from ldmkit.nn.attention import QKNorm, attention, merge_heads, split_heads
 from ldmkit.nn.backbones.base import TimestepEmbedder, TwoLayerMLP, add_pooled, batch_time, renamed_keys
 from ldmkit.nn.backbones.transformer_layers import (
     TIME_FREQ_DIM,
@@ -157,7 +157,7 @@ class MMDiTBlock(nn.Module):
         qi, ki, vi, post_img = self.image.pre_attention(img, c, self.num_heads)
         qt, kt, vt, post_txt = self.text.pre_attention(txt, c, self.num_heads)
         q, k, v = (torch.cat(pair, dim=2) for pair in ((qi, qt), (ki, kt), (vi, vt)))  # (B, heads, N+L, d)
-        attn = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))  # (B, N+L, C)
+        attn = merge_heads(attention(q, k, v, mask))  # (B, N+L, C)
         img = self.image.post_attention(img, attn[:, :n], post_img)
         if not self.text.context_only:
             txt = self.text.post_attention(txt, attn[:, n:], post_txt)
