@@ -77,10 +77,16 @@ class _BF16CpuAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask):  # noqa: ANN001, ANN205
+        with torch.autocast("cpu", enabled=False):  # autocast would run the float32 logits' bmm in bf16
+            return _BF16CpuAttention._forward(ctx, q, k, v, mask)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, mask):  # noqa: ANN001, ANN205
         b, h, n, d = q.shape
         length = k.shape[-2]
         q32, k32, v16 = _flat(q, torch.float32), _flat(k, torch.float32), _flat(v, v.dtype)
-        if mask is not None:  # (B * heads, 1 or N, L)
+        if mask is not None:  # broadcastable to (B, heads, N, L) -> (B * heads, 1 or N, L)
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
             mask = mask.expand(b, h, mask.shape[-2], length).reshape(b * h, mask.shape[-2], length)
         probs = q.new_empty(b * h, n, length)
         out = q.new_empty(b * h, n, d)
@@ -99,6 +105,11 @@ class _BF16CpuAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        with torch.autocast("cpu", enabled=False):  # a backward called inside autocast: the same float32 math
+            return _BF16CpuAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):  # noqa: ANN001, ANN205
         q, k, v, probs, out = ctx.saved_tensors
         b, h, n, d = q.shape
         length = k.shape[-2]
