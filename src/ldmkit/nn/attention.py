@@ -4,8 +4,10 @@ cross-attention with optional qk-norm that DiT and MMDiT use as well.
 The transformer block is the one of LDM/Stable Diffusion (Rombach et al. 2022,
 `ldm/modules/attention.py` `BasicTransformerBlock` / `SpatialTransformer`): pre-LayerNorm
 self-attention, cross-attention over the text tokens and a GEGLU feed-forward (Shazeer 2020),
-each residual. All attention goes through `F.scaled_dot_product_attention`, so the backend
-(flash / memory-efficient / CPU flash) is picked by torch.
+each residual. All attention goes through `attention`: `F.scaled_dot_product_attention` (backend
+picked by torch: flash / memory-efficient / CPU flash), except bf16 on the CPU up to 512 x 512 scores
+per head, where torch's CPU flash kernel is 1.5-2.2x slower than bf16 matmuls around a float32
+softmax (`_BF16CpuAttention`; bench/bf16_cpu_attention.py).
 
 Masks follow SDPA and tokenizers: `True` marks a context token that may be attended to.
 """
@@ -69,9 +71,9 @@ class _BF16CpuAttention(torch.autograd.Function):
     exact in float32, as in a bf16 matmul accumulating in float32) and softmax, the probabilities rounded to bf16
     for the bf16 matmul with v (torch's CPU flash kernel likewise rounds its exponentials to bf16 for that matmul).
     Masked keys get -inf; a query with no key to attend gets zero weights (SDPA's safe softmax). Saves the bf16
-    probabilities (B*heads*N*L*2 bytes) and the output for backward instead of recomputing; backward:
-    dv = p^T do, dp = do v^T in float32, ds = p (dp - rowsum(do o)) / sqrt(d), dq = ds k, dk = ds^T q (bf16
-    matmuls, float32 accumulation). Both passes go through the (batch x heads) matrices `_CHUNK_SCORE_BYTES` of
+    probabilities (B*heads*N*L*2 bytes) for backward instead of recomputing them; backward: dv = p^T do,
+    dp = do v^T in float32, ds = p (dp - rowsum(p dp)) / sqrt(d), dq = ds k, dk = ds^T q (bf16 matmuls, float32
+    accumulation). Both passes go through the (batch x heads) matrices `_CHUNK_SCORE_BYTES` of
     float32 scores at a time: at DiT / MMDiT sizes the page faults and cache misses of whole-tensor temporaries
     cost as much as the arithmetic."""
 
@@ -100,7 +102,7 @@ class _BF16CpuAttention(torch.autograd.Function):
                 p = p.masked_fill_(~mask[i:j].any(-1, keepdim=True), 0.0)
             probs[i:j].copy_(p)
             torch.bmm(probs[i:j], v16[i:j], out=out[i:j])
-        ctx.save_for_backward(q, k, v, probs, out)
+        ctx.save_for_backward(q, k, v, probs)
         return out.view(b, h, n, d)
 
     @staticmethod
@@ -110,17 +112,17 @@ class _BF16CpuAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        q, k, v, probs, out = ctx.saved_tensors
+        q, k, v, probs = ctx.saved_tensors
         b, h, n, d = q.shape
         length = k.shape[-2]
         q16, k16, v32 = _flat(q, q.dtype), _flat(k, k.dtype), _flat(v, torch.float32)
         g16 = _flat(grad_out, grad_out.dtype)
         g32 = g16.float()
-        delta = (g32 * out.float()).sum(-1, keepdim=True)  # rowsum(p * dp) = rowsum(do * o), (B * heads, N, 1)
         grad_q, grad_k, grad_v = torch.empty_like(q16), torch.empty_like(k16), torch.empty_like(_flat(v, v.dtype))
         for i, j in _chunks(b * h, n * length):
             torch.bmm(probs[i:j].transpose(1, 2), g16[i:j], out=grad_v[i:j])
-            ds = torch.bmm(g32[i:j], v32[i:j].transpose(1, 2)).sub_(delta[i:j]).mul_(probs[i:j])  # dp - delta
+            dp = torch.bmm(g32[i:j], v32[i:j].transpose(1, 2))
+            ds = dp.sub_((dp * probs[i:j]).sum(-1, keepdim=True)).mul_(probs[i:j])  # p (dp - rowsum(p dp))
             ds = ds.to(q.dtype)  # ds * sqrt(d): the scale goes on the (smaller) gradients below
             torch.bmm(ds, k16[i:j], out=grad_q[i:j])
             torch.bmm(ds.transpose(1, 2), q16[i:j], out=grad_k[i:j])
