@@ -6,7 +6,7 @@ The transformer block is the one of LDM/Stable Diffusion (Rombach et al. 2022,
 self-attention, cross-attention over the text tokens and a GEGLU feed-forward (Shazeer 2020),
 each residual. All attention goes through `attention`: `F.scaled_dot_product_attention` (backend
 picked by torch: flash / memory-efficient / CPU flash), except bf16 on the CPU up to 512 x 512 scores
-per head, where torch's CPU flash kernel is 1.5-2.2x slower than bf16 matmuls around a float32
+per head, where torch's CPU flash kernel is 1.4-2.4x slower than bf16 matmuls around a float32
 softmax (`_BF16CpuAttention`; bench/bf16_cpu_attention.py).
 
 Masks follow SDPA and tokenizers: `True` marks a context token that may be attended to.
@@ -31,8 +31,8 @@ def split_heads(x: torch.Tensor, parts: int, num_heads: int) -> tuple[torch.Tens
 
 # Attention with at most this many query x key positions per head takes `_BF16CpuAttention` on the CPU in bf16
 # (0: never). Measured on the project's 2-core AVX512-BF16 EPYC, torch 2.15, 6 heads of 64, forward + backward
-# (bench/bf16_cpu_attention.py, BENCHMARKS.md): 2.0-2.2x SDPA's speed up to 256 x 77, 1.4-1.5x at 256 x 256 to
-# 512 x 512, 1.1-1.2x at 1024 x 1024. The cap is for memory: it saves the bf16 probabilities for backward
+# (bench/bf16_cpu_attention.py, BENCHMARKS.md): 2.0-2.4x SDPA's speed up to 256 x 77, 1.4-1.6x at 256 x 256 to
+# 512 x 512, 1.0-1.2x at 1024 x 1024. The cap is for memory: it saves the bf16 probabilities for backward
 # (2 bytes per score; SDPA saves one float per query), which grow with N x L while its lead shrinks.
 BF16_CPU_ATTENTION_MAX_SCORES = 512 * 512
 
@@ -43,8 +43,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     to attend gets a zero output.
 
     `F.scaled_dot_product_attention`, except for bf16 on the CPU with at most `BF16_CPU_ATTENTION_MAX_SCORES`
-    scores per head: there torch's CPU flash kernel is 1.4-2.2x slower than `_BF16CpuAttention` (bf16 matmuls
-    around a float32 softmax; smaller error against float64 attention), which saves more for backward."""
+    scores per head: there torch's CPU flash kernel is 1.4-2.4x slower than `_BF16CpuAttention` (bf16 matmuls
+    around a float32 softmax; error against float64 attention 0.9-1.3x SDPA's), which saves more for backward."""
     if (
         q.device.type == "cpu"
         and q.dtype == torch.bfloat16
