@@ -1,6 +1,7 @@
 """bf16 attention on the CPU: ldmkit's `attention` (bf16 matmuls around a float32 softmax, `_BF16CpuAttention`)
-against torch's SDPA (the CPU flash kernel) by sequence length, forward + backward; sets and checks
-`ldmkit.nn.attention.BF16_CPU_ATTENTION_MAX_SCORES`, the size below which `attention` takes the bf16 path.
+against torch's SDPA (the CPU flash kernel) by sequence length, forward + backward: the measurements behind
+`ldmkit.nn.attention.BF16_CPU_ATTENTION_MAX_SCORES`, the size up to which `attention` takes the bf16 path (the
+table says which sizes it takes; the bf16 path is timed at every size).
 
 For each (queries N, keys L): q from views of a fused (B, N, 3C) or (B, N, C) projection and k/v from a (B, L, 2C)
 one, as the backbones build them; both candidates run on the same bf16 numbers, interleaved round by round
