@@ -118,7 +118,7 @@ class _BF16CpuAttention(torch.autograd.Function):
         q16, k16, v32 = _flat(q, q.dtype), _flat(k, k.dtype), _flat(v, torch.float32)
         g16 = _flat(grad_out, grad_out.dtype)
         g32 = g16.float()
-        grad_q, grad_k, grad_v = torch.empty_like(q16), torch.empty_like(k16), torch.empty_like(_flat(v, v.dtype))
+        grad_q, grad_k, grad_v = torch.empty_like(q16), torch.empty_like(k16), k16.new_empty(b * h, length, d)
         for i, j in _chunks(b * h, n * length):
             torch.bmm(probs[i:j].transpose(1, 2), g16[i:j], out=grad_v[i:j])
             dp = torch.bmm(g32[i:j], v32[i:j].transpose(1, 2))
